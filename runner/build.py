@@ -1,0 +1,95 @@
+"""Building evaluated nodes, overlapping with the evaluation of later chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner import nix
+from runner.errors import NixError
+from runner.evaluate import EvalRun, EvalSettings, NodeEval, evaluate
+from runner.hive.hive import Hive
+from runner.results import NodeResult, Stage, StageResult, Status
+
+_SAFE = re.compile(r"[^A-Za-z0-9._+-]")
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    jobs: int = 2  # concurrent nix-store --realise processes
+    timeout: float = 3 * 3600.0
+    gc_root_dir: Path | None = None  # --keep-result: <dir>/node-<name>
+
+
+def gc_root_path(directory: Path, node: str) -> Path:
+    return directory / f"node-{_SAFE.sub('_', node)}"
+
+
+def _eval_stage(ev: NodeEval) -> StageResult:
+    if ev.ok:
+        return StageResult(Stage.EVAL, Status.OK, ev.seconds)
+    return StageResult(Stage.EVAL, Status.FAILED, ev.seconds, ev.error or "failed", ev.detail)
+
+
+async def build_node(ev: NodeEval, hive: Hive, settings: BuildSettings) -> NodeResult:
+    eval_stage = _eval_stage(ev)
+    if not ev.ok or ev.drv_path is None:
+        return NodeResult(ev.name, (eval_stage,))
+    root = None
+    if settings.gc_root_dir is not None:
+        settings.gc_root_dir.mkdir(parents=True, exist_ok=True)
+        root = str(gc_root_path(settings.gc_root_dir, ev.name))
+    start = time.monotonic()
+    try:
+        realised = await nix.realise(
+            [ev.drv_path], hive.flags, gc_root=root, timeout=settings.timeout
+        )
+    except NixError as e:
+        stage = StageResult(
+            Stage.BUILD, Status.FAILED, time.monotonic() - start, e.message, e.detail
+        )
+        return NodeResult(ev.name, (eval_stage, stage), ev.drv_path)
+    out = realised.outputs[0] if not root else ev.out_path
+    stage = StageResult(Stage.BUILD, Status.OK, time.monotonic() - start, out or "")
+    return NodeResult(ev.name, (eval_stage, stage), ev.drv_path, ev.out_path)
+
+
+@dataclass(frozen=True)
+class BuildRun:
+    nodes: tuple[NodeResult, ...]
+    evaluation: EvalRun
+
+
+async def evaluate_and_build(
+    hive: Hive,
+    names: Sequence[str],
+    eval_settings: EvalSettings,
+    build_settings: BuildSettings | None,
+) -> BuildRun:
+    """Evaluate `names` in chunks; build each node as soon as its chunk is done."""
+    limit = asyncio.Semaphore(max(1, build_settings.jobs if build_settings else 1))
+    tasks: list[asyncio.Task[NodeResult]] = []
+
+    async def build_one(ev: NodeEval) -> NodeResult:
+        if build_settings is None:
+            return NodeResult(ev.name, (_eval_stage(ev),), ev.drv_path, ev.out_path)
+        if not ev.ok:
+            return await build_node(ev, hive, build_settings)
+        async with limit:
+            return await build_node(ev, hive, build_settings)
+
+    def on_result(ev: NodeEval) -> None:
+        tasks.append(asyncio.create_task(build_one(ev)))
+
+    try:
+        run = await evaluate(hive, names, eval_settings, on_result)
+        results = await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+    order = {n: i for i, n in enumerate(names)}
+    return BuildRun(tuple(sorted(results, key=lambda r: order[r.name])), run)

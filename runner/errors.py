@@ -1,0 +1,55 @@
+"""The one root error type and its kinds.
+
+The CLI maps these to exit codes in one place (`runner.cli.main`). Every
+message is one line a user can act on and names the thing that is wrong.
+"""
+
+from __future__ import annotations
+
+from typing_extensions import override
+
+EXIT_OK = 0
+EXIT_NODES_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class WaggleError(Exception):
+    """Root of every error Waggle raises on purpose."""
+
+    exit_code: int = EXIT_USAGE
+
+    def __init__(self, message: str, *, detail: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+    @override
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(WaggleError):
+    """A bad flag or flag value (exit 2)."""
+
+
+class HiveError(WaggleError):
+    """The hive cannot be found, read or evaluated (exit 2)."""
+
+
+class NixError(WaggleError):
+    """A Nix command failed; `detail` holds Nix's own message."""
+
+    def __init__(self, message: str, *, detail: str = "", returncode: int | None = None) -> None:
+        super().__init__(message, detail=detail)
+        self.returncode = returncode
+
+
+class ToolMissingError(WaggleError):
+    """A program Waggle needs (nix, ssh) is not installed (exit 2)."""
+
+
+class NodesFailedError(WaggleError):
+    """One or more nodes failed; the others ran (exit 1)."""
+
+    exit_code = 1

@@ -1,0 +1,434 @@
+"""Evaluation in RAM-sized chunks.
+
+Nodes are evaluated to their toplevel drvPath/outPath, many per `nix-instantiate`
+process. The planner decides how many nodes go into each process and how many
+processes run at once:
+
+- The memory budget is the available memory (psutil), capped by the cgroup v2
+  limit, minus a reserve; `--eval-memory` overrides it.
+- While a chunk runs, Waggle samples the evaluator's process tree (RSS) and
+  reads a trace line per finished node, so each chunk yields points
+  (node index, seconds, bytes). From all points so far the planner fits
+  time(k) = startup + a*k + c*k^2 and memory(k) = base + m*k, starting from a
+  conservative 512 MiB per node, and picks the chunk size that finishes the
+  remaining nodes soonest on the available cores within the budget.
+- A chunk whose process fails is split in two and retried, so a broken node
+  fails alone with its own Nix error while the others still evaluate; a node
+  whose evaluation throws (caught by tryEval) is re-evaluated alone for its
+  message.
+
+Results are handed to a callback as soon as each chunk finishes, so builds of
+finished chunks run while later chunks evaluate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from runner import nix
+from runner.hive.hive import Hive
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+DEFAULT_RESERVE = 1 * GiB
+DEFAULT_NODE_MEMORY = 512 * MiB  # before anything is measured (Colmena's guess)
+MIN_BUDGET = 256 * MiB
+PROBE_CHUNK = 4  # first chunks stay small until time and memory are measured
+DONE_MARK = "trace: waggle-node-done "
+
+
+# -- memory budget -----------------------------------------------------------
+
+
+def _cgroup_room(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Smallest (memory.max - memory.current) over this process's cgroup v2 ancestry."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    rel = next((line[3:] for line in lines if line.startswith("0::")), None)
+    if rel is None:
+        return None
+    best: int | None = None
+    directory = root / rel.lstrip("/")
+    while True:
+        try:
+            limit = (directory / "memory.max").read_text().strip()
+            if limit != "max":
+                current = int((directory / "memory.current").read_text().strip())
+                room = max(0, int(limit) - current)
+                best = room if best is None else min(best, room)
+        except (OSError, ValueError):
+            pass
+        if directory == root or directory.parent == directory:
+            return best
+        directory = directory.parent
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    available: int
+    cgroup_room: int | None
+    reserve: int
+    budget: int
+    overridden: bool = False
+
+    @classmethod
+    def measure(cls, override: int | None = None, reserve: int = DEFAULT_RESERVE) -> MemoryBudget:
+        available = psutil.virtual_memory().available
+        room = _cgroup_room()
+        if override is not None:
+            return cls(available, room, 0, override, overridden=True)
+        usable = available if room is None else min(available, room)
+        return cls(available, room, reserve, max(MIN_BUDGET, usable - reserve))
+
+
+def parse_size(text: str) -> int:
+    """'4G', '512M', '1.5GiB', '2048' (MiB) -> bytes."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1024, "M": MiB, "G": GiB, "T": 1024 * GiB}
+    try:
+        if t and t[-1] in units:
+            value = float(t[:-1]) * units[t[-1]]
+        else:
+            value = float(t) * MiB
+    except ValueError as e:
+        raise ValueError(f"{text!r} is not a size like 4G or 512M") from e
+    if value <= 0:
+        raise ValueError(f"{text!r} must be more than zero")
+    return int(value)
+
+
+# -- settings, results ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    node_limit: int | None = None  # None: auto; 0: all nodes in one chunk; N: N per chunk
+    memory: int | None = None  # --eval-memory override of the budget, bytes
+    jobs: int = 0  # concurrent evaluator processes; 0: one per core
+    timeout: float = 1800.0  # per evaluator process
+
+
+@dataclass(frozen=True)
+class NodeEval:
+    name: str
+    drv_path: str | None
+    out_path: str | None
+    error: str | None  # one line
+    detail: str  # Nix's full message on failure
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class ChunkStat:
+    names: tuple[str, ...]
+    seconds: float
+    peak_rss: int
+    ok: bool
+    points: tuple[tuple[int, float, int], ...]  # (node index from 1, seconds, rss)
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    results: dict[str, NodeEval]
+    chunks: tuple[ChunkStat, ...]
+    budget: MemoryBudget
+    peak_rss_total: int  # highest sum of concurrently running evaluators
+
+    @property
+    def failed(self) -> list[str]:
+        return [n for n, r in self.results.items() if not r.ok]
+
+
+# -- the cost model and planner ------------------------------------------------
+
+
+def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float] | None:
+    n = len(rhs)
+    a = [[*row, rhs[i]] for i, row in enumerate(matrix)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
+        if abs(a[pivot][col]) < 1e-12:
+            return None
+        a[col], a[pivot] = a[pivot], a[col]
+        for r in range(n):
+            if r != col:
+                f = a[r][col] / a[col][col]
+                a[r] = [x - f * y for x, y in zip(a[r], a[col], strict=True)]
+    return [a[i][n] / a[i][i] for i in range(n)]
+
+
+def fit_polynomial(points: Sequence[tuple[float, float]], degree: int) -> list[float] | None:
+    """Least-squares coefficients [c0, c1, ...] of y = c0 + c1 x + c2 x^2."""
+    size = degree + 1
+    matrix = [[sum(x ** (i + j) for x, _ in points) for j in range(size)] for i in range(size)]
+    rhs = [sum(y * x**i for x, y in points) for i in range(size)]
+    return _solve(matrix, rhs)
+
+
+@dataclass
+class CostModel:
+    """What one evaluator process costs for k nodes, learnt from chunks so far."""
+
+    time_points: list[tuple[float, float]] = field(default_factory=list)
+    mem_points: list[tuple[float, float]] = field(default_factory=list)
+    peaks: list[tuple[int, int]] = field(default_factory=list)
+    startup: float = 0.0
+    per_node: float = 1.0
+    growth: float = 0.0
+    mem_base: float = 0.0
+    mem_per_node: float = float(DEFAULT_NODE_MEMORY)
+    measured: bool = False
+
+    def observe(self, stat: ChunkStat) -> None:
+        if stat.points:
+            self.time_points += [(float(i), t) for i, t, _ in stat.points]
+            self.mem_points += [(float(i), float(r)) for i, _, r in stat.points if r > 0]
+        if stat.peak_rss > 0:
+            self.peaks.append((len(stat.names), stat.peak_rss))
+        self._refit()
+
+    def _refit(self) -> None:
+        xs = {x for x, _ in self.time_points}
+        if not xs:
+            return
+        self.measured = True
+        coeffs = None
+        if len(xs) >= 3:
+            quadratic = fit_polynomial(self.time_points, 2)
+            if quadratic is not None and quadratic[2] >= 0:
+                coeffs = quadratic
+        if coeffs is None and len(xs) >= 2:
+            linear = fit_polynomial(self.time_points, 1)
+            coeffs = [*linear, 0.0] if linear is not None else None
+        if coeffs is None:  # only single-node chunks: no way to split startup from work
+            mean = sum(y for _, y in self.time_points) / len(self.time_points)
+            coeffs = [0.0, mean, 0.0]
+        self.startup, self.per_node, self.growth = (max(0.0, c) for c in coeffs)
+        self.per_node = max(self.per_node, 1e-3)
+        # Memory: slope from the samples, then raised so every observed peak fits.
+        mxs = {x for x, _ in self.mem_points}
+        slope = None
+        if len(mxs) >= 2:
+            lin = fit_polynomial(self.mem_points, 1)
+            slope = lin[1] if lin is not None else None
+        if slope is None or slope <= 0:
+            slope = max((p / k for k, p in self.peaks), default=float(DEFAULT_NODE_MEMORY))
+        self.mem_per_node = max(slope, 1.0 * MiB)
+        self.mem_base = max((p - self.mem_per_node * k for k, p in self.peaks), default=0.0)
+        self.mem_base = max(self.mem_base, 0.0)
+
+    def seconds(self, k: int) -> float:
+        return self.startup + self.per_node * k + self.growth * k * k
+
+    def memory(self, k: int) -> float:
+        return self.mem_base + self.mem_per_node * k
+
+
+@dataclass
+class Planner:
+    settings: EvalSettings
+    budget: MemoryBudget
+    total: int
+    model: CostModel = field(default_factory=CostModel)
+
+    @property
+    def workers(self) -> int:
+        return self.settings.jobs or (os.cpu_count() or 1)
+
+    def fits_alongside(self, size: int, running_memory: float) -> bool:
+        """Whether a chunk of `size` may start next to what is running now."""
+        return running_memory + self.model.memory(size) <= self.budget.budget
+
+    def next_size(self, remaining: int) -> int:
+        limit = self.settings.node_limit
+        if limit is not None:
+            return remaining if limit == 0 else min(limit, remaining)
+        by_memory = max(1, int(self.budget.budget // max(self.model.memory(1), 1.0)))
+        if not self.model.measured:
+            even = math.ceil(remaining / self.workers)
+            return max(1, min(even, PROBE_CHUNK, self.max_size_for_memory(), by_memory))
+        return self.best_size(remaining)
+
+    def max_size_for_memory(self) -> int:
+        m = self.model
+        return max(1, int((self.budget.budget - m.mem_base) // max(m.mem_per_node, 1.0)))
+
+    def best_size(self, remaining: int) -> int:
+        """The chunk size that finishes `remaining` nodes soonest (estimated)."""
+        m = self.model
+        best: tuple[float, int] | None = None
+        cap = min(remaining, self.max_size_for_memory())
+        for k in range(1, cap + 1):
+            parallel = min(self.workers, math.ceil(remaining / k))
+            parallel = max(1, min(parallel, int(self.budget.budget // max(m.memory(k), 1.0))))
+            rounds = math.ceil(remaining / (parallel * k))
+            estimate = rounds * m.seconds(k)
+            # Prefer bigger chunks when estimates are within 2%: fewer processes.
+            if best is None or estimate <= best[0] * 1.02:
+                best = (min(estimate, best[0]) if best else estimate, k)
+        assert best is not None
+        k = best[1]
+        parallel = max(1, min(self.workers, math.ceil(remaining / k)))
+        rounds = math.ceil(remaining / (parallel * k))
+        return max(1, math.ceil(remaining / (rounds * parallel)))
+
+
+# -- running -------------------------------------------------------------------
+
+OnResult = Callable[[NodeEval], Awaitable[None] | None]
+
+
+@dataclass
+class _Chunk:
+    names: tuple[str, ...]
+    single: bool = False  # evaluate without tryEval, for the node's own message
+
+
+class Evaluator:
+    def __init__(
+        self, hive: Hive, settings: EvalSettings, on_result: OnResult | None = None
+    ) -> None:
+        self.hive = hive
+        self.settings = settings
+        self.on_result = on_result
+        self.budget = MemoryBudget.measure(settings.memory)
+        self.results: dict[str, NodeEval] = {}
+        self.stats: list[ChunkStat] = []
+        self._running_memory = 0.0
+        self._running_rss: dict[int, int] = {}
+        self.peak_total = 0
+
+    async def run(self, names: Sequence[str]) -> EvalRun:
+        planner = Planner(self.settings, self.budget, len(names))
+        pending: deque[str] = deque(names)
+        retries: deque[_Chunk] = deque()
+        running: dict[asyncio.Task[list[_Chunk]], float] = {}
+        while pending or retries or running:
+            while (pending or retries) and len(running) < planner.workers:
+                if retries:
+                    chunk = retries[0]
+                else:
+                    size = planner.next_size(len(pending))
+                    chunk = _Chunk(tuple(pending[i] for i in range(size)))
+                need = planner.model.memory(len(chunk.names))
+                if running and not planner.fits_alongside(len(chunk.names), self._running_memory):
+                    break
+                if retries:
+                    retries.popleft()
+                else:
+                    for _ in chunk.names:
+                        pending.popleft()
+                self._running_memory += need
+                task = asyncio.create_task(self._run_chunk(chunk, planner))
+                running[task] = need
+            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                self._running_memory -= running.pop(task)
+                retries.extend(task.result())
+        return EvalRun(self.results, tuple(self.stats), self.budget, self.peak_total)
+
+    async def _finish(self, result: NodeEval) -> None:
+        self.results[result.name] = result
+        if self.on_result is not None:
+            maybe = self.on_result(result)
+            if maybe is not None:
+                await maybe
+
+    async def _run_chunk(self, chunk: _Chunk, planner: Planner) -> list[_Chunk]:
+        """Evaluate one chunk; returns chunks to retry (bisected halves, singles)."""
+        points: list[tuple[int, float, int]] = []
+        key = id(chunk)
+
+        def on_line(line: str, seconds: float, rss: int) -> None:
+            if line.startswith(DONE_MARK):
+                points.append((len(points) + 1, seconds, rss))
+            self._running_rss[key] = rss
+            self.peak_total = max(self.peak_total, sum(self._running_rss.values()))
+
+        expr = (
+            self.hive.one_expr(chunk.names[0])
+            if chunk.single
+            else self.hive.chunk_expr(chunk.names)
+        )
+        started = time.monotonic()
+        out = await nix.eval_json(
+            expr,
+            self.hive.flags,
+            flake=self.hive.is_flake,
+            read_write=True,
+            timeout=self.settings.timeout,
+            on_stderr_line=on_line,
+            sample_memory=True,
+            check=False,
+        )
+        self._running_rss.pop(key, None)
+        done = out.completed
+        self.peak_total = max(self.peak_total, done.peak_rss)
+        stat = ChunkStat(chunk.names, done.duration, done.peak_rss, done.ok, tuple(points))
+        self.stats.append(stat)
+        if done.ok and not chunk.single:
+            planner.model.observe(stat)
+        elapsed = time.monotonic() - started
+        if done.timed_out:
+            for name in chunk.names:
+                await self._finish(
+                    NodeEval(
+                        name,
+                        None,
+                        None,
+                        f"evaluation timed out after {self.settings.timeout:g} s",
+                        "",
+                        elapsed,
+                    )
+                )
+            return []
+        if not done.ok:
+            if len(chunk.names) == 1:
+                await self._finish(
+                    NodeEval(
+                        chunk.names[0],
+                        None,
+                        None,
+                        nix.first_error_line(done.stderr),
+                        nix.error_text(done.stderr),
+                        elapsed,
+                    )
+                )
+                return []
+            mid = len(chunk.names) // 2
+            return [_Chunk(chunk.names[:mid]), _Chunk(chunk.names[mid:])]
+        value = out.value
+        if chunk.single:
+            value = {chunk.names[0]: value}
+        retry: list[_Chunk] = []
+        per_node = elapsed / len(chunk.names)
+        for name in chunk.names:
+            entry = value.get(name) if isinstance(value, dict) else None
+            if not isinstance(entry, dict) or entry.get("error") or "drvPath" not in entry:
+                retry.append(_Chunk((name,), single=True))
+                continue
+            await self._finish(
+                NodeEval(name, str(entry["drvPath"]), str(entry["outPath"]), None, "", per_node)
+            )
+        return retry
+
+
+async def evaluate(
+    hive: Hive, names: Sequence[str], settings: EvalSettings, on_result: OnResult | None = None
+) -> EvalRun:
+    return await Evaluator(hive, settings, on_result).run(names)

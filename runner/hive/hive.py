@@ -1,0 +1,145 @@
+"""The hive as Waggle queries it: node names, meta, deployment settings,
+per-chunk evaluation expressions and introspection.
+
+All Nix expressions are built here, from the package's own Nix files
+(`runner/hive/nix`), and run through `runner.nix`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from runner import nix
+from runner.errors import HiveError, NixError
+from runner.hive.discovery import HiveKind, HiveSource
+from runner.hive.model import MetaConfig, NodeConfig
+from runner.nix import NixFlags
+
+NIX_DIR = Path(__file__).parent / "nix"
+QUERY_TIMEOUT = 600.0
+
+
+def nix_string(text: str) -> str:
+    """A Nix double-quoted string literal holding exactly `text`."""
+    out = (
+        text.replace("\\", "\\\\")
+        .replace('"', '\\"')
+        .replace("${", "\\${")
+        .replace("\n", "\\n")
+        .replace("\r", "\\r")
+        .replace("\t", "\\t")
+    )
+    return f'"{out}"'
+
+
+def nix_json(value: Any) -> str:
+    """A Nix expression for a JSON-representable value (via builtins.fromJSON)."""
+    return f"(builtins.fromJSON {nix_string(json.dumps(value))})"
+
+
+@dataclass(frozen=True)
+class Hive:
+    source: HiveSource
+    flags: NixFlags
+    # For flakes: the locked flake URL and Waggle's Nix files as a locked store path.
+    locked_url: str | None = None
+    nix_store_dir: str | None = None
+    nix_nar_hash: str | None = None
+
+    @property
+    def is_flake(self) -> bool:
+        return self.source.kind is HiveKind.FLAKE
+
+    async def prepared(self) -> Hive:
+        """Resolve what a flake needs before queries (locked URL, Waggle's Nix files)."""
+        if not self.is_flake or self.locked_url is not None:
+            return self
+        try:
+            url = await nix.flake_locked_url(self.source.ref, self.flags)
+        except NixError as e:
+            raise HiveError(f"flake {self.source.ref}: {e.message}", detail=e.detail) from e
+        store_dir = await nix.add_to_store(str(NIX_DIR))
+        nar_hash = await nix.nar_hash_sri(store_dir)
+        return replace(self, locked_url=url, nix_store_dir=store_dir, nix_nar_hash=nar_hash)
+
+    def with_flags(self, flags: NixFlags) -> Hive:
+        return replace(self, flags=flags)
+
+    # -- expressions ------------------------------------------------------
+    def _query_prefix(self) -> str:
+        if not self.is_flake:
+            hive = f"import {nix_string(str(NIX_DIR / 'eval.nix'))} {{ rawHive = import {nix_string(self.source.ref)}; }}"
+            return f"let q = import {nix_string(str(NIX_DIR / 'query.nix'))} ({hive}); in q"
+        assert self.locked_url and self.nix_store_dir and self.nix_nar_hash, "call prepared() first"
+        w = (
+            f'(builtins.fetchTree {{ type = "path"; path = {nix_string(self.nix_store_dir)}; '
+            f"narHash = {nix_string(self.nix_nar_hash)}; }}).outPath"
+        )
+        ref = nix_string(self.source.ref)
+        return (
+            f"let w = {w}; o = (builtins.getFlake {nix_string(self.locked_url)}).outputs;"
+            " hive = if o ? colmenaHive then o.colmenaHive"
+            ' else if o ? colmena then import (w + "/eval.nix") { rawHive = o.colmena; hermetic = true; }'
+            ' else if o ? nixosConfigurations then import (w + "/nixos-configurations.nix") o.nixosConfigurations'
+            f' else throw ("waggle: flake " + {ref} + " has no colmenaHive, colmena or nixosConfigurations output");'
+            ' q = import (w + "/query.nix") hive; in q'
+        )
+
+    def expr(self, query: str) -> str:
+        return f"({self._query_prefix()}).{query}"
+
+    def chunk_expr(self, names: Sequence[str]) -> str:
+        return self.expr(f"evalChunk {nix_json(list(names))}")
+
+    def one_expr(self, name: str) -> str:
+        return self.expr(f"evalOne {nix_string(name)}")
+
+    # -- queries ------------------------------------------------------------
+    async def _eval(self, query: str, *, what: str) -> Any:
+        try:
+            out = await nix.eval_json(
+                self.expr(query), self.flags, flake=self.is_flake, timeout=QUERY_TIMEOUT
+            )
+        except NixError as e:
+            raise HiveError(
+                f"{self.source.describe()}: {what}: {e.message.removeprefix('evaluation failed: ')}",
+                detail=e.detail,
+            ) from e
+        return out.value
+
+    async def node_names(self) -> list[str]:
+        names = await self._eval("nodeNames", what="listing nodes")
+        return sorted(str(n) for n in names)
+
+    async def meta(self) -> MetaConfig:
+        return MetaConfig.from_json(await self._eval("metaConfig", what="reading meta"))
+
+    async def deployment(self, names: Sequence[str]) -> dict[str, NodeConfig]:
+        """Validated deployment settings; a failing node is named in the error."""
+        if not names:
+            return {}
+        try:
+            data = await nix.eval_json(
+                self.expr(f"deployment {nix_json(list(names))}"),
+                self.flags,
+                flake=self.is_flake,
+                timeout=QUERY_TIMEOUT,
+            )
+        except NixError as e:
+            if len(names) == 1:
+                raise HiveError(
+                    f"node {names[0]}: {e.message.removeprefix('evaluation failed: ')}",
+                    detail=e.detail,
+                ) from e
+            mid = len(names) // 2
+            # Find the broken node(s): at least one half fails again.
+            first = await self.deployment(names[:mid])
+            return {**first, **await self.deployment(names[mid:])}
+        return {n: NodeConfig.from_json(n, data.value[n]) for n in names}
+
+    async def introspect(self, function_expr: str) -> Any:
+        return await self._eval(f"introspect ({function_expr})", what="eval")

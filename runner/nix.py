@@ -1,0 +1,211 @@
+"""One async function per Nix command. Typed results, no CLI knowledge.
+
+Every function takes `NixFlags` (the user's --show-trace, --impure,
+--nix-option and the hive's machinesFile) and calls `runner.process.run`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from runner import process
+from runner.errors import NixError
+from runner.process import Completed, StderrCallback
+
+FLAKE_FEATURES = ("--extra-experimental-features", "nix-command flakes")
+
+
+@dataclass(frozen=True)
+class NixFlags:
+    show_trace: bool = False
+    impure: bool = False
+    options: tuple[tuple[str, str], ...] = ()
+    machines_file: str | None = None
+
+    def common(self) -> list[str]:
+        args: list[str] = []
+        if self.machines_file:
+            args += ["--option", "builders", f"@{self.machines_file}"]
+        for name, value in self.options:
+            args += ["--option", name, value]
+        return args
+
+    def eval_args(self, *, flake: bool) -> list[str]:
+        args = self.common()
+        if self.show_trace:
+            args.append("--show-trace")
+        if flake:
+            args += FLAKE_FEATURES
+            if not self.impure:
+                args += ["--option", "pure-eval", "true"]
+        return args
+
+    def store_args(self) -> list[str]:
+        """nix-store takes neither --impure nor --show-trace."""
+        return self.common()
+
+
+@dataclass(frozen=True)
+class EvalOutput:
+    value: Any
+    completed: Completed
+
+
+_NOISE = re.compile(r"^(trace: waggle-node-done |warning: unknown setting)")
+
+
+def error_text(stderr: str) -> str:
+    """Nix's own error message without Waggle's progress trace lines."""
+    lines = [line for line in stderr.splitlines() if not _NOISE.match(line)]
+    return "\n".join(lines).strip()
+
+
+def first_error_line(stderr: str) -> str:
+    """The most telling line of a Nix error for a one-line summary."""
+    text = error_text(stderr)
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("error:"):
+            rest = stripped.removeprefix("error:").strip()
+            if rest:
+                return rest
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return "no output"
+
+
+async def eval_json(
+    expr: str,
+    flags: NixFlags,
+    *,
+    flake: bool = False,
+    read_write: bool = False,
+    timeout: float | None = None,
+    on_stderr_line: StderrCallback | None = None,
+    sample_memory: bool = False,
+    check: bool = True,
+) -> EvalOutput:
+    """`nix-instantiate --eval --strict --json -E expr`."""
+    argv = ["nix-instantiate", "--eval", "--strict", "--json", "--no-gc-warning"]
+    if read_write:
+        argv.append("--read-write-mode")
+    argv += flags.eval_args(flake=flake)
+    argv += ["-E", expr]
+    done = await process.run(
+        argv, timeout=timeout, on_stderr_line=on_stderr_line, sample_memory=sample_memory
+    )
+    if not done.ok:
+        if not check:
+            return EvalOutput(None, done)
+        raise _failure("evaluation", done, timeout)
+    try:
+        value = json.loads(done.stdout)
+    except json.JSONDecodeError as e:
+        raise NixError(f"nix-instantiate printed invalid JSON: {e}") from e
+    return EvalOutput(value, done)
+
+
+def _failure(what: str, done: Completed, timeout: float | None) -> NixError:
+    if done.timed_out:
+        return NixError(f"{what} timed out after {timeout:g} s", returncode=None)
+    return NixError(
+        f"{what} failed: {first_error_line(done.stderr)}",
+        detail=error_text(done.stderr),
+        returncode=done.returncode,
+    )
+
+
+@dataclass(frozen=True)
+class Realised:
+    outputs: tuple[str, ...]
+    completed: Completed
+
+
+async def realise(
+    drv_paths: Sequence[str],
+    flags: NixFlags,
+    *,
+    gc_root: str | None = None,
+    timeout: float | None = None,
+    on_stderr_line: StderrCallback | None = None,
+) -> Realised:
+    """`nix-store --realise`, optionally registering an indirect GC root."""
+    argv = ["nix-store", "--realise", *drv_paths, *flags.store_args()]
+    if gc_root is not None:
+        argv += ["--add-root", gc_root, "--indirect"]
+    done = await process.run(argv, timeout=timeout, on_stderr_line=on_stderr_line)
+    if not done.ok:
+        raise _failure("build", done, timeout)
+    return Realised(tuple(done.stdout.split()), done)
+
+
+async def add_to_store(path: str) -> str:
+    done = await process.run(["nix-store", "--add", path], timeout=120)
+    if not done.ok:
+        raise _failure(f"adding {path} to the Nix store", done, 120)
+    return done.stdout.strip()
+
+
+async def nar_hash_sri(store_path: str) -> str:
+    done = await process.run(["nix-store", "--query", "--hash", store_path], timeout=60)
+    if not done.ok:
+        raise _failure(f"hashing {store_path}", done, 60)
+    return base32_sha256_to_sri(done.stdout.strip())
+
+
+_NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
+
+
+def base32_sha256_to_sri(text: str) -> str:
+    """'sha256:<nix base32>' as printed by nix-store -q --hash, to SRI form."""
+    import base64
+
+    digest = text.removeprefix("sha256:")
+    if len(digest) != 52:
+        raise NixError(f"unexpected hash from nix-store: {text!r}")
+    out = bytearray(32)
+    for n, ch in enumerate(reversed(digest)):
+        value = _NIX_BASE32.index(ch)
+        bit = n * 5
+        i, j = divmod(bit, 8)
+        out[i] |= (value << j) & 0xFF
+        if i + 1 < 32 and j > 3:
+            out[i + 1] |= value >> (8 - j)
+    return "sha256-" + base64.b64encode(bytes(out)).decode()
+
+
+async def flake_locked_url(ref: str, flags: NixFlags, *, timeout: float = 300) -> str:
+    """The locked URL of a flake (`nix flake metadata --json`)."""
+    argv = ["nix", *FLAKE_FEATURES, "flake", "metadata", "--json", *flags.common(), ref]
+    done = await process.run(argv, timeout=timeout)
+    if not done.ok:
+        raise _failure(f"reading flake {ref}", done, timeout)
+    try:
+        meta = json.loads(done.stdout)
+        return str(meta["url"])
+    except (json.JSONDecodeError, KeyError) as e:
+        raise NixError(f"nix flake metadata printed no locked url for {ref}") from e
+
+
+@dataclass(frozen=True)
+class NixInfo:
+    version: str
+    flakes: bool
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+async def info() -> NixInfo:
+    done = await process.run(["nix-instantiate", "--version"], timeout=30)
+    if not done.ok:
+        raise NixError("nix-instantiate --version failed", detail=done.stderr)
+    version = done.stdout.strip().rsplit(" ", 1)[-1]
+    probe = await process.run(
+        ["nix-instantiate", *FLAKE_FEATURES, "--eval", "-E", "builtins ? getFlake"], timeout=30
+    )
+    flakes = probe.ok and probe.stdout.strip() == "true"
+    return NixInfo(version=version, flakes=flakes)

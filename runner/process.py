@@ -1,0 +1,162 @@
+"""The one place that starts local processes.
+
+Everything that runs a program (nix, ssh helpers, key commands) calls
+`run`. It enforces a timeout, kills the whole process group on timeout or
+cancellation so nothing is left behind, can stream stderr lines to a callback
+while the program runs, and can sample the peak memory of the process tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import psutil
+
+from runner.errors import ToolMissingError
+
+StderrCallback = Callable[[str, float, int], None]
+"""Called with (line, seconds since start, current RSS of the tree in bytes)."""
+
+SAMPLE_INTERVAL = 0.05
+
+
+@dataclass(frozen=True)
+class Completed:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+    duration: float
+    peak_rss: int
+    timed_out: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory of a process and all its descendants, in bytes."""
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total
+
+
+class _Sampler:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.current = 0
+        self.peak = 0
+
+    def sample(self) -> int:
+        rss = tree_rss(self.pid)
+        if rss:
+            self.current = rss
+            self.peak = max(self.peak, rss)
+        return self.current
+
+    async def loop(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(SAMPLE_INTERVAL)
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def run(
+    argv: Sequence[str],
+    *,
+    input_data: bytes | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    timeout: float | None = None,
+    on_stderr_line: StderrCallback | None = None,
+    sample_memory: bool = False,
+) -> Completed:
+    """Run argv to completion; never raises for a non-zero exit status."""
+    full_env = None if env is None else {**os.environ, **env}
+    start = time.monotonic()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE if input_data is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=full_env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    except FileNotFoundError as e:
+        raise ToolMissingError(f"{argv[0]} is not installed or not on PATH") from e
+    sampler = _Sampler(proc.pid)
+    sampler_task = asyncio.create_task(sampler.loop()) if sample_memory else None
+    stderr_lines: list[str] = []
+
+    async def read_stderr() -> None:
+        assert proc.stderr is not None
+        while True:
+            raw = await proc.stderr.readline()
+            if not raw:
+                return
+            line = raw.decode(errors="replace").rstrip("\n")
+            stderr_lines.append(line)
+            if on_stderr_line is not None:
+                rss = sampler.sample() if sample_memory else 0
+                on_stderr_line(line, time.monotonic() - start, rss)
+
+    async def communicate() -> bytes:
+        stderr_task = asyncio.create_task(read_stderr())
+        if input_data is not None:
+            assert proc.stdin is not None
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                proc.stdin.write(input_data)
+                await proc.stdin.drain()
+            proc.stdin.close()
+        assert proc.stdout is not None
+        out = await proc.stdout.read()
+        await stderr_task
+        await proc.wait()
+        return out
+
+    timed_out = False
+    stdout = b""
+    try:
+        stdout = await asyncio.wait_for(communicate(), timeout)
+    except TimeoutError:
+        timed_out = True
+        _kill_group(proc)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(proc.wait(), 5)
+    except BaseException:
+        _kill_group(proc)
+        raise
+    finally:
+        if sampler_task is not None:
+            sampler_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler_task
+    return Completed(
+        argv=tuple(argv),
+        returncode=proc.returncode if proc.returncode is not None else -9,
+        stdout=stdout.decode(errors="replace"),
+        stderr="\n".join(stderr_lines),
+        duration=time.monotonic() - start,
+        peak_rss=sampler.peak,
+        timed_out=timed_out,
+    )

@@ -1,0 +1,57 @@
+"""Result objects of a run. Reports and the progress view only read these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from typing_extensions import override
+
+
+class Stage(Enum):
+    EVAL = "eval"
+    BUILD = "build"
+    PUSH = "push"
+    KEYS = "keys"
+    ACTIVATE = "activate"
+    CONFIRM = "confirm"
+    HEALTH = "health"
+
+    @override
+    def __str__(self) -> str:
+        return self.value
+
+
+class Status(Enum):
+    OK = "ok"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+    @override
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class StageResult:
+    stage: Stage
+    status: Status
+    seconds: float
+    message: str = ""
+    detail: str = ""  # e.g. Nix's full error or a log tail
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    name: str
+    stages: tuple[StageResult, ...]
+    drv_path: str | None = None
+    out_path: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(s.status is not Status.FAILED for s in self.stages)
+
+    @property
+    def failure(self) -> StageResult | None:
+        return next((s for s in self.stages if s.status is Status.FAILED), None)
