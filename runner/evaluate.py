@@ -49,10 +49,12 @@ DONE_MARK = "trace: waggle-node-done "
 # -- memory budget -----------------------------------------------------------
 
 
-def _cgroup_room(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+def cgroup_room(
+    root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")
+) -> int | None:
     """Smallest (memory.max - memory.current) over this process's cgroup v2 ancestry."""
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = membership.read_text().splitlines()
     except OSError:
         return None
     rel = next((line[3:] for line in lines if line.startswith("0::")), None)
@@ -85,7 +87,7 @@ class MemoryBudget:
     @classmethod
     def measure(cls, override: int | None = None, reserve: int = DEFAULT_RESERVE) -> MemoryBudget:
         available = psutil.virtual_memory().available
-        room = _cgroup_room()
+        room = cgroup_room()
         if override is not None:
             return cls(available, room, 0, override, overridden=True)
         usable = available if room is None else min(available, room)

@@ -11,7 +11,8 @@ assert hive.__schema or null == "v0.5"
 {
   nodeNames = attrNames hive.nodes;
 
-  metaConfig = defaultMeta // (hive.metaConfig or { });
+  # Colmena's makeHive exposes `meta`, newer ones `metaConfig`.
+  metaConfig = defaultMeta // (hive.metaConfig or (builtins.intersectAttrs defaultMeta (hive.meta or { })));
 
   deployment = names: hive.deploymentConfigSelected names;
 

@@ -1,0 +1,65 @@
+"""The Nix command layer: argv shapes and error text handling."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from runner import nix
+from runner.errors import NixError
+from runner.hive.hive import nix_json, nix_string
+from runner.nix import NixFlags
+
+
+def test_flags():
+    flags = NixFlags(show_trace=True, impure=False, options=(("cores", "2"),), machines_file="/m")
+    assert flags.eval_args(flake=False) == [
+        "--option",
+        "builders",
+        "@/m",
+        "--option",
+        "cores",
+        "2",
+        "--show-trace",
+    ]
+    flake = flags.eval_args(flake=True)
+    assert flake[-4:] == ["nix-command flakes", "--option", "pure-eval", "true"]
+    assert "--show-trace" not in flags.store_args() and "@/m" in flags.store_args()
+    assert "pure-eval" not in NixFlags(impure=True).eval_args(flake=True)
+
+
+@pytest.mark.parametrize(
+    "text", ["plain", 'with "quotes"', "back\\slash", "${interp}", "$${x}", "new\nline\ttab", "ünï"]
+)
+def test_nix_string_round_trips_through_real_nix(text):
+    value = asyncio.run(nix.eval_json(nix_string(text), NixFlags())).value
+    assert value == text
+
+
+def test_nix_json_round_trips():
+    data = ["a", "b.c", 'q"${x}', {"k": [1, 2]}]
+    assert asyncio.run(nix.eval_json(nix_json(data), NixFlags())).value == data
+
+
+def test_eval_error_carries_nix_message():
+    with pytest.raises(NixError) as e:
+        asyncio.run(nix.eval_json('throw "the reason"', NixFlags()))
+    assert "the reason" in e.value.message
+
+
+def test_eval_timeout():
+    expr = "let f = n: if n == 0 then 0 else f (n - 1) + f (n - 1); in f 60"
+    with pytest.raises(NixError, match=r"timed out after 0\.5 s"):
+        asyncio.run(nix.eval_json(expr, NixFlags(), timeout=0.5))
+
+
+def test_sri_conversion():
+    got = nix.base32_sha256_to_sri("sha256:02gw98jy1mbyxk7k3lx23avkhsj2hspiddk55ymmk5bxm1a6xsay")
+    assert got == "sha256-XuluVKh9lVmrL2W2Fq+GQmo4txqi0zHP7H7V4CVK/Ak="
+
+
+def test_error_text_drops_progress_marks():
+    stderr = "trace: waggle-node-done a\nerror: attribute 'x' missing\n  at foo.nix:1:2"
+    assert nix.first_error_line(stderr) == "attribute 'x' missing"
+    assert "waggle-node-done" not in nix.error_text(stderr)
