@@ -256,14 +256,15 @@ class Planner:
         """Whether a chunk of `size` may start next to what is running now."""
         return running_memory + self.model.memory(size) <= self.budget.budget
 
-    def next_size(self, remaining: int) -> int:
+    def next_size(self, remaining: int, running: int = 0) -> int:
+        """Nodes for the next chunk, with `running` evaluators already busy."""
         limit = self.settings.node_limit
         if limit is not None:
             return remaining if limit == 0 else min(limit, remaining)
-        by_memory = max(1, int(self.budget.budget // max(self.model.memory(1), 1.0)))
         if not self.model.measured:
-            even = math.ceil(remaining / self.workers)
-            return max(1, min(even, PROBE_CHUNK, self.max_size_for_memory(), by_memory))
+            free = max(1, self.workers - running)
+            even = math.ceil(remaining / free)
+            return max(1, min(even, PROBE_CHUNK, self.max_size_for_memory()))
         return self.best_size(remaining)
 
     def max_size_for_memory(self) -> int:
@@ -325,7 +326,7 @@ class Evaluator:
                 if retries:
                     chunk = retries[0]
                 else:
-                    size = planner.next_size(len(pending))
+                    size = planner.next_size(len(pending), len(running))
                     chunk = _Chunk(tuple(pending[i] for i in range(size)))
                 need = planner.model.memory(len(chunk.names))
                 if running and not planner.fits_alongside(len(chunk.names), self._running_memory):
@@ -421,12 +422,16 @@ class Evaluator:
         per_node = elapsed / len(chunk.names)
         for name in chunk.names:
             entry = value.get(name) if isinstance(value, dict) else None
-            if not isinstance(entry, dict) or entry.get("error") or "drvPath" not in entry:
+            if isinstance(entry, dict) and "drv" in entry and "out" in entry:
+                result = NodeEval(name, str(entry["drv"]), str(entry["out"]), None, "", per_node)
+            elif not chunk.single:
                 retry.append(_Chunk((name,), single=True))
                 continue
-            await self._finish(
-                NodeEval(name, str(entry["drvPath"]), str(entry["outPath"]), None, "", per_node)
-            )
+            else:
+                result = NodeEval(
+                    name, None, None, f"unexpected evaluator output: {entry!r:.200}", "", per_node
+                )
+            await self._finish(result)
         return retry
 
 

@@ -15,7 +15,7 @@ SIMPLE = """
 {
   meta.nixpkgs = import @NIXPKGS@ { };
   defaults = { name, ... }: {
-    networking.hostName = name;
+    environment.etc.node-name.text = name;
     deployment.tags = [ "common" ];
   };
   alpha = { deployment.tags = [ "web" ]; };
@@ -82,7 +82,7 @@ def test_eval_expression_and_file(tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == ["alpha", "beta", "gamma.tld"]
     (tmp_path / "q.nix").write_text(
-        "{ nodes, ... }: builtins.mapAttrs (n: v: v.config.networking.hostName) nodes"
+        "{ nodes, ... }: builtins.mapAttrs (n: v: v.config.environment.etc.node-name.text) nodes"
     )
     done = waggle("introspect", "q.nix", cwd=tmp_path)
     assert done.returncode == 0, done.stderr

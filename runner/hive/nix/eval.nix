@@ -78,8 +78,8 @@ let
         modules.keyChownModule
         modules.keyServiceModule
         options.deploymentOptions
-        defaults
-      ] ++ extraModules ++ configsFor name;
+        { _file = "hive defaults"; imports = [ defaults ]; }
+      ] ++ extraModules ++ map (m: { _file = "hive node ${name}"; imports = [ m ]; }) (configsFor name);
       specialArgs = { inherit name; nodes = uncheckedNodes; }
         // meta.specialArgs
         // (meta.nodeSpecialArgs.${name} or { });

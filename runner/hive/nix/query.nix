@@ -25,14 +25,15 @@ assert hive.__schema or null == "v0.5"
     listToAttrs (map (name:
       let
         t = selected.${name};
-        r = tryEval (seq t.drvPath { drvPath = t.drvPath; outPath = t.outPath; });
+        r = tryEval (seq t.drvPath { drv = t.drvPath; out = t.outPath; });
       in {
         inherit name;
         value = seq r.success (trace "waggle-node-done ${name}" (if r.success then r.value else { error = true; }));
       }) names);
 
   # Without tryEval, so the node's own error message reaches its report.
-  evalOne = name: let t = (hive.evalSelected [ name ]).${name}; in { drvPath = t.drvPath; outPath = t.outPath; };
+  # (Keys are not named outPath: a set with outPath prints as a string in JSON.)
+  evalOne = name: let t = (hive.evalSelected [ name ]).${name}; in { drv = t.drvPath; out = t.outPath; };
 
   introspect = f: hive.introspect f;
 }

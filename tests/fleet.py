@@ -1,0 +1,854 @@
+"""A fleet of test hosts on this machine: one OpenSSH sshd per host, each in its own namespace.
+
+Every host is `unshare --mount --uts --propagation private` with per-host directories bound
+over `/nix`, `/run`, `/etc`, `/root` and `/usr/local/sbin`, a per-host file over
+`/proc/sys/kernel/random/boot_id`, its own hostname, and `sshd -D` listening on
+`127.0.0.N:22`. So each host has its own Nix store, profiles, /run/current-system, users and
+boot id, all inspectable from outside under the host's directory (`TestHost.path`).
+
+Needs root. Usable from pytest fixtures, benchmarks and demo scripts (no pytest import here):
+
+    with Fleet.start(tmp_path, 3) as fleet:
+        subprocess.run(["ssh", "-F", fleet.ssh_config, "host1", "true"], check=True)
+
+Also a small CLI: `python -m tests.fleet start --count N --dir D` / `stop --dir D`.
+
+Layout of a fleet directory D:
+    D/client_key[.pub]   the one client key of the fleet (authorized on every host)
+    D/authorized_keys    the client public key, sshd's AuthorizedKeysFile on every host
+    D/known_hosts        every host's key under its address (and its name)
+    D/ssh_config         a `Host <name>` block per host, for `ssh -F`
+    D/fleet.json         hosts, addresses and PIDs (for `stop --dir D` from another process)
+    D/hosts/<name>/      the host's directory H:
+        nix/ run/ etc/ root/   bound over /nix, /run, /etc, /root
+        sbin/reboot            bound over /usr/local/sbin: the simulated `reboot`
+        boot_id                bound over /proc/sys/kernel/random/boot_id
+        reboot-delay           seconds until sshd is back after `reboot`, or "never"
+        sshd_config ssh_host_ed25519_key[.pub] boot.sh sshd.log reboot.log
+
+Simulated reboot (`reboot` over ssh): the script detaches (setsid), kills every process in
+the host's mount namespace (sshd's listener first, then sessions), empties /run (a tmpfs on a
+real machine), points /run/current-system and /run/booted-system at the system profile if
+there is one, waits `reboot-delay` seconds, writes a new boot id and execs sshd again (inside
+the same namespace, so the mounts stay). With "never" it exits instead and the host stays down
+until `Fleet.start_host`. The new sshd's PID is in H/run/sshd.pid (`Fleet.sshd_pid`).
+
+Processes of a host are found by namespace, not by remembered PIDs: a process belongs to host
+H when its mount namespace shows H/nix at /nix (`/proc/PID/root/nix` is H/nix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import ipaddress
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from types import TracebackType
+from typing import ClassVar, Self
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+SSHD = "/usr/sbin/sshd"
+SSH_PORT = 22
+DEFAULT_REBOOT_DELAY = 1.0
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
+
+# Host-absolute mount point -> directory (or file) under the host's directory.
+MOUNTS: Mapping[str, str] = {
+    "/nix": "nix",
+    "/run": "run",
+    "/etc": "etc",
+    "/root": "root",
+    "/usr/local/sbin": "sbin",
+    "/proc/sys/kernel/random/boot_id": "boot_id",
+}
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*\Z")
+# The environment sshd starts with (sessions get sshd's own defaults, not this).
+_SSHD_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+
+class FleetError(Exception):
+    """A test host could not be started, reached or stopped."""
+
+
+@dataclass(frozen=True)
+class TestHost:
+    """One test host: `root` is its directory H on this machine, `pid` the sshd it booted with.
+
+    After a simulated reboot sshd has a new PID; `sshd_pid()` reads the current one.
+    """
+
+    __test__: ClassVar[bool] = False  # not a pytest test class
+
+    name: str
+    address: str
+    root: Path
+    pid: int
+
+    @property
+    def port(self) -> int:
+        return SSH_PORT
+
+    @property
+    def target(self) -> str:
+        """`root@127.0.0.N`, as an ssh destination."""
+        return f"root@{self.address}"
+
+    def path(self, p: str | PurePosixPath) -> Path:
+        """The path on this machine of host-absolute path `p` (no symlinks followed).
+
+        `/run/x` -> H/run/x, `/nix/store/...` -> H/nix/store/..., `/etc`, `/root` and
+        `/usr/local/sbin` likewise; anything else is shared with this machine and maps to itself.
+        Use `resolve` to follow links the way the host would (`/run/current-system`).
+        """
+        pure = PurePosixPath(p)
+        if not pure.is_absolute() or ".." in pure.parts:
+            raise ValueError(f"not a normalised absolute path: {p}")
+        for mount, local in MOUNTS.items():
+            mp = PurePosixPath(mount)
+            if pure == mp or mp in pure.parents:
+                return self.root / local / pure.relative_to(mp)
+        return Path(pure)
+
+    def readlink(self, p: str | PurePosixPath) -> str:
+        """The target of the host's symlink `p`, as the host sees it (e.g. a store path)."""
+        return os.readlink(self.path(p))
+
+    def resolve(self, p: str | PurePosixPath) -> Path:
+        """Follow symlinks in `p` as the host would; return the resulting path on this machine."""
+        todo = list(PurePosixPath(p).parts[1:])
+        current = PurePosixPath("/")
+        hops = 0
+        while todo:
+            part = todo.pop(0)
+            if part in ("", "."):
+                continue
+            if part == "..":
+                current = current.parent
+                continue
+            candidate = current / part
+            local = self.path(candidate)
+            if local.is_symlink():
+                hops += 1
+                if hops > 40:
+                    raise FleetError(f"{self.name}: too many levels of symlinks in {p}")
+                target = PurePosixPath(os.readlink(local))
+                if target.is_absolute():
+                    current = PurePosixPath("/")
+                todo[:0] = list(target.parts[1:] if target.is_absolute() else target.parts)
+            else:
+                current = candidate
+        return self.path(current)
+
+    def boot_id(self) -> str:
+        """The boot id the host reports in /proc/sys/kernel/random/boot_id."""
+        return (self.root / "boot_id").read_text().strip()
+
+    def sshd_pid(self) -> int | None:
+        """The PID of the host's running sshd listener (from H/run/sshd.pid), if any."""
+        try:
+            pid = int((self.root / "run" / "sshd.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if self.pid_is_mine(pid) else None
+
+    def processes(self) -> list[int]:
+        """PIDs of every live process in this host's mount namespace."""
+        return _host_processes([self]).get(self.name, [])
+
+    def pid_is_mine(self, pid: int) -> bool:
+        """Whether process `pid` lives in this host's mount namespace."""
+        try:
+            return os.path.samestat(os.stat(f"/proc/{pid}/root/nix"), os.stat(self.root / "nix"))
+        except OSError:
+            return False
+
+    def accepts(self, timeout: float = 0.5) -> bool:
+        """Whether sshd answers on the host's address with an SSH banner right now."""
+        try:
+            with socket.create_connection((self.address, SSH_PORT), timeout=timeout) as sock:
+                sock.settimeout(timeout)
+                return sock.recv(64).startswith(b"SSH-")
+        except OSError:
+            return False
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = (self.root / "sshd.log").read_text(errors="replace")
+        except OSError:
+            return "(no sshd log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(sshd log is empty)"
+
+
+@dataclass(frozen=True)
+class FleetEnv:
+    """What a client (Waggle) needs to reach the fleet."""
+
+    ssh_config: Path
+    known_hosts: Path
+    client_key: Path
+    addresses: Mapping[str, str]  # host name -> 127.0.0.N
+
+    def ssh_argv(self, name: str, command: str) -> list[str]:
+        """`ssh -F ssh_config NAME -- COMMAND` (COMMAND is one shell string)."""
+        return ["ssh", "-F", str(self.ssh_config), name, "--", command]
+
+
+class Fleet:
+    """A running fleet of test hosts. Use `Fleet.start(...)`, as a context manager."""
+
+    def __init__(self, directory: Path, hosts: Sequence[TestHost]) -> None:
+        self.directory = directory
+        self._hosts: dict[str, TestHost] = {h.name: h for h in hosts}
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._stopped = False
+
+    # -- paths --------------------------------------------------------------------------
+    @property
+    def client_key(self) -> Path:
+        return self.directory / "client_key"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.directory / "known_hosts"
+
+    @property
+    def ssh_config(self) -> Path:
+        return self.directory / "ssh_config"
+
+    @property
+    def authorized_keys(self) -> Path:
+        return self.directory / "authorized_keys"
+
+    def env(self) -> FleetEnv:
+        return FleetEnv(
+            ssh_config=self.ssh_config,
+            known_hosts=self.known_hosts,
+            client_key=self.client_key,
+            addresses={h.name: h.address for h in self.hosts},
+        )
+
+    # -- hosts --------------------------------------------------------------------------
+    @property
+    def hosts(self) -> list[TestHost]:
+        return list(self._hosts.values())
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._hosts)
+
+    def host(self, name: str) -> TestHost:
+        try:
+            return self._hosts[name]
+        except KeyError:
+            raise FleetError(f"no host named {name!r} in this fleet") from None
+
+    def __getitem__(self, name: str) -> TestHost:
+        return self.host(name)
+
+    def __iter__(self) -> Iterator[TestHost]:
+        return iter(self.hosts)
+
+    def __len__(self) -> int:
+        return len(self._hosts)
+
+    def sshd_pid(self, name: str) -> int | None:
+        return self.host(name).sshd_pid()
+
+    def set_reboot_delay(self, name: str, seconds: float | None) -> None:
+        """Seconds until sshd is back after `reboot` on host `name`; None: never comes back."""
+        text = "never" if seconds is None else f"{float(seconds)}"
+        (self.host(name).root / "reboot-delay").write_text(text + "\n")
+
+    # -- running commands (OpenSSH client) ------------------------------------------------
+    def ssh_argv(self, name: str, command: str) -> list[str]:
+        return self.env().ssh_argv(self.host(name).name, command)
+
+    def run(
+        self, name: str, command: str, *, stdin: bytes | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run shell `command` on host `name` as root with `ssh -F ssh_config`; no check."""
+        return subprocess.run(
+            self.ssh_argv(name, command),
+            input=stdin,
+            stdin=None if stdin is not None else subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------
+    @classmethod
+    def start(
+        cls,
+        directory: Path,
+        count: int,
+        *,
+        first_octet: int = 2,
+        names: Sequence[str] | None = None,
+        timeout: float = START_TIMEOUT,
+        stop_at_exit: bool = True,
+    ) -> Fleet:
+        """Start `count` hosts on 127.0.0.<first_octet>, <first_octet + 1>, ... port 22.
+
+        Names default to host1..hostN. Returns once every host answers with an SSH banner;
+        raises FleetError (naming the host, with its sshd log tail) otherwise, after stopping
+        whatever it started. With `stop_at_exit`, the fleet is stopped at interpreter exit if
+        nobody stopped it before.
+        """
+        _check_can_run()
+        names = list(names) if names is not None else [f"host{i}" for i in range(1, count + 1)]
+        if len(names) != count:
+            raise ValueError(f"{count} hosts but {len(names)} names")
+        if len(set(names)) != count:
+            raise ValueError("host names must be unique")
+        for name in names:
+            if not _NAME.match(name):
+                raise ValueError(f"bad host name {name!r}")
+        addresses = [_address(first_octet + i) for i in range(count)]
+        busy = [a for a in addresses if not _port_free(a)]
+        if busy:
+            raise FleetError(f"port {SSH_PORT} already in use on {', '.join(busy)}")
+
+        directory = Path(directory).resolve()
+        _check_directory(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if (directory / "hosts").exists():
+            raise FleetError(f"{directory} already holds a fleet (hosts/ exists)")
+
+        client = _write_keypair(directory / "client_key", "waggle-test-fleet")
+        (directory / "authorized_keys").write_text(client + "\n")
+        roots = [directory / "hosts" / name for name in names]
+        with ThreadPoolExecutor(max_workers=min(8, count) or 1) as pool:
+            host_keys = list(
+                pool.map(_prepare_host_dir, roots, names, [directory] * count, addresses)
+            )
+        known = [f"{a},{n} {k}" for a, n, k in zip(addresses, names, host_keys, strict=True)]
+        (directory / "known_hosts").write_text("".join(line + "\n" for line in known))
+        (directory / "ssh_config").write_text(
+            "".join(
+                _ssh_config_block(directory, n, a) for n, a in zip(names, addresses, strict=True)
+            )
+        )
+
+        fleet = cls(directory, [])
+        procs = {name: _spawn(root) for name, root in zip(names, roots, strict=True)}
+        fleet._procs = procs
+        pending = [
+            TestHost(name=n, address=a, root=r, pid=procs[n].pid)
+            for n, a, r in zip(names, addresses, roots, strict=True)
+        ]
+        fleet._hosts = {h.name: h for h in pending}
+        try:
+            _wait_up(pending, procs, timeout)
+        except BaseException:
+            fleet.stop()
+            raise
+        fleet._save()
+        if stop_at_exit:
+            atexit.register(fleet.stop)
+        return fleet
+
+    @classmethod
+    def load(cls, directory: Path) -> Fleet:
+        """The fleet described by D/fleet.json (started by another process, e.g. the CLI)."""
+        directory = Path(directory).resolve()
+        data = json.loads((directory / "fleet.json").read_text())
+        hosts = [
+            TestHost(name=h["name"], address=h["address"], root=Path(h["root"]), pid=h["pid"])
+            for h in data["hosts"]
+        ]
+        return cls(directory, hosts)
+
+    def stop(self) -> None:
+        """Kill every process of every host (by namespace) and wait until they are gone."""
+        atexit.unregister(self.stop)
+        _kill_hosts(self.hosts)
+        for proc in self._procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        self._procs.clear()
+        self._stopped = True
+
+    def stop_host(self, name: str) -> None:
+        """Kill host `name`'s sshd, its sessions and anything else in its namespace."""
+        host = self.host(name)
+        _kill_hosts([host])
+        proc = self._procs.pop(name, None)
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+
+    def start_host(
+        self, name: str, *, new_boot: bool = False, timeout: float = START_TIMEOUT
+    ) -> TestHost:
+        """(Re)start host `name` with the same keys and directories in a fresh namespace.
+
+        Whatever still runs of it is killed first. With `new_boot`, it comes up as after a
+        reboot: empty /run, current-system from the system profile, a new boot id.
+        """
+        old = self.host(name)
+        self.stop_host(name)
+        if new_boot:
+            _fresh_boot(old.root)
+        proc = _spawn(old.root)
+        self._procs[name] = proc
+        host = TestHost(name=old.name, address=old.address, root=old.root, pid=proc.pid)
+        self._hosts[name] = host
+        _wait_up([host], {name: proc}, timeout)
+        self._save()
+        return host
+
+    def wait_until_up(self, name: str, timeout: float = START_TIMEOUT) -> float:
+        """Wait until host `name` answers with an SSH banner; return the seconds waited."""
+        host = self.host(name)
+        return _poll(lambda: host.accepts(), timeout, f"{name} ({host.address}) did not come up")
+
+    def wait_until_down(self, name: str, timeout: float = START_TIMEOUT) -> float:
+        """Wait until host `name` refuses connections; return the seconds waited."""
+        host = self.host(name)
+        return _poll(lambda: not host.accepts(), timeout, f"{name} ({host.address}) stays up")
+
+    def _save(self) -> None:
+        data = {
+            "hosts": [
+                {"name": h.name, "address": h.address, "root": str(h.root), "pid": h.pid}
+                for h in self.hosts
+            ],
+            "ssh_config": str(self.ssh_config),
+            "known_hosts": str(self.known_hosts),
+            "client_key": str(self.client_key),
+        }
+        (self.directory / "fleet.json").write_text(json.dumps(data, indent=2) + "\n")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def free_first_octet(count: int, start: int = 2) -> int:
+    """The first N >= start such that port 22 is free on 127.0.0.N .. 127.0.0.(N+count-1)."""
+    n = start
+    while n + count - 1 < 255:
+        busy = [i for i in range(count) if not _port_free(_address(n + i))]
+        if not busy:
+            return n
+        n += busy[-1] + 1
+    raise FleetError(f"no block of {count} free addresses in 127.0.0.{start}-254")
+
+
+def processes_in_namespace_of(pid: int) -> list[int]:
+    """PIDs of every live process in the mount namespace of process `pid`."""
+    try:
+        target = os.stat(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return []
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if os.path.samestat(os.stat(f"/proc/{entry.name}/ns/mnt"), target):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+# -- internals ---------------------------------------------------------------------------
+
+
+def _address(octet: int) -> str:
+    if not 1 <= octet <= 254:
+        raise ValueError(f"127.0.0.{octet} is not a usable test host address")
+    return str(ipaddress.IPv4Address("127.0.0.0") + octet)
+
+
+def _port_free(address: str) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((address, SSH_PORT))
+        except OSError:
+            return False
+    return True
+
+
+def _check_can_run() -> None:
+    if os.geteuid() != 0:
+        raise FleetError("a test fleet needs root (mount namespaces, port 22)")
+    for tool in (SSHD, "/usr/bin/unshare", "/usr/bin/setsid"):
+        if not os.access(tool, os.X_OK):
+            raise FleetError(f"{tool} is missing")
+    for mount in MOUNTS:
+        if not os.path.exists(mount):
+            raise FleetError(f"{mount} does not exist on this machine (needed as a mount point)")
+
+
+def _check_directory(directory: Path) -> None:
+    # Bound over inside the namespace, H must stay reachable at the same path there.
+    for mount in MOUNTS:
+        if directory == Path(mount) or Path(mount) in directory.parents:
+            raise FleetError(f"a fleet directory cannot live under {mount}: {directory}")
+
+
+def _write_keypair(path: Path, comment: str) -> str:
+    """Write a fresh ed25519 key pair (OpenSSH format, private 0600); return the public line."""
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(private)
+    line = public.decode()
+    path.with_name(path.name + ".pub").write_text(f"{line} {comment}\n")
+    return line
+
+
+def _prepare_host_dir(root: Path, name: str, directory: Path, address: str) -> str:
+    """Create H with its mount sources, config and scripts; return its public host key."""
+    for sub in ("nix", "run", "root", "sbin"):
+        (root / sub).mkdir(parents=True)
+    (root / "root").chmod(0o700)
+    (root / "run" / "sshd").mkdir(mode=0o755)
+    subprocess.run(["cp", "-a", "/etc/.", f"{root / 'etc'}/"], check=True)
+    (root / "etc" / "hostname").write_text(name + "\n")
+    # No network here: a host must never try a binary cache.
+    nix_conf = root / "etc" / "nix" / "nix.conf"
+    nix_conf.parent.mkdir(parents=True, exist_ok=True)
+    with nix_conf.open("a") as f:
+        f.write("\n# test fleet: no network\nsubstituters =\n")
+    (root / "boot_id").write_text(f"{uuid.uuid4()}\n")
+    (root / "reboot-delay").write_text(f"{DEFAULT_REBOOT_DELAY}\n")
+    host_key = _write_keypair(root / "ssh_host_ed25519_key", f"root@{name}")
+    (root / "sshd_config").write_text(_sshd_config(root, address, directory / "authorized_keys"))
+    _write_script(root / "boot.sh", _boot_script(root, name))
+    _write_script(root / "sbin" / "reboot", _reboot_script(root, name))
+    return host_key
+
+
+def _write_script(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(0o755)
+
+
+def _sshd_config(root: Path, address: str, authorized_keys: Path) -> str:
+    return f"""\
+# test fleet host (tests/fleet.py)
+ListenAddress {address}
+Port {SSH_PORT}
+HostKey {root / "ssh_host_ed25519_key"}
+AuthorizedKeysFile {authorized_keys}
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PidFile /run/sshd.pid
+MaxSessions 100
+MaxStartups 100:30:200
+PrintMotd no
+PrintLastLog no
+X11Forwarding no
+UseDNS no
+Subsystem sftp internal-sftp
+"""
+
+
+def _ssh_config_block(directory: Path, name: str, address: str) -> str:
+    return f"""\
+Host {name}
+    HostName {address}
+    Port {SSH_PORT}
+    User root
+    IdentityFile "{directory / "client_key"}"
+    IdentitiesOnly yes
+    UserKnownHostsFile "{directory / "known_hosts"}"
+    GlobalKnownHostsFile /dev/null
+    StrictHostKeyChecking yes
+    BatchMode yes
+    ConnectTimeout 10
+
+"""
+
+
+def _boot_script(root: Path, name: str) -> str:
+    h = shlex.quote(str(root))
+    binds = "\n".join(f'mount --bind "$H/{local}" {mount}' for mount, local in MOUNTS.items())
+    return f"""\
+#!/bin/sh
+# Boots test host {name} (tests/fleet.py). Run only as
+#   unshare --mount --uts --propagation private /bin/sh {h}/boot.sh
+set -eu
+H={h}
+if [ /proc/$$/ns/mnt -ef /proc/$PPID/ns/mnt ]; then
+    echo "boot.sh: not in a mount namespace of its own; refusing to mount" >&2
+    exit 1
+fi
+{binds}
+hostname {shlex.quote(name)}
+exec env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \\
+    {SSHD} -D -e -f "$H/sshd_config" </dev/null
+"""
+
+
+def _reboot_script(root: Path, name: str) -> str:
+    h = shlex.quote(str(root))
+    return f"""\
+#!/bin/sh
+# Simulated reboot of test host {name} (tests/fleet.py). Bound over /usr/local/sbin/reboot.
+# Seconds until sshd is back: $H/reboot-delay (a number, or "never").
+H={h}
+if ! [ /nix -ef "$H/nix" ]; then
+    echo "reboot: not inside test host {name}; refusing" >&2
+    exit 1
+fi
+if [ "${{1-}}" != --detached ]; then
+    setsid -f "$H/sbin/reboot" --detached </dev/null >>"$H/reboot.log" 2>&1
+    exit 0
+fi
+trap '' HUP
+sleep 0.2  # let the caller's `reboot` return first
+echo "$(date +%T.%N) going down"
+# Every process in this mount namespace except this script's own process group.
+kill_host() {{
+    for _ in $(seq 100); do
+        found=
+        for d in /proc/[0-9]*; do
+            [ "$d/ns/mnt" -ef /proc/$$/ns/mnt ] || continue
+            read -r stat 2>/dev/null <"$d/stat" || continue
+            set -- ${{stat##*) }}
+            [ "$3" = "$$" ] && continue
+            kill -KILL "${{d#/proc/}}" 2>/dev/null && found=1
+        done
+        [ -n "$found" ] || return 0
+        sleep 0.05
+    done
+}}
+if read -r listener 2>/dev/null </run/sshd.pid; then
+    kill -KILL "$listener" 2>/dev/null
+fi
+kill_host
+# /run is a tmpfs on a real machine: empty after a boot.
+find /run -mindepth 1 -maxdepth 1 -exec rm -rf {{}} +
+mkdir -p /run/sshd
+if [ -e /nix/var/nix/profiles/system ]; then
+    system=$(readlink -f /nix/var/nix/profiles/system)
+    ln -sfn "$system" /run/booted-system
+    ln -sfn "$system" /run/current-system
+fi
+delay=$(cat "$H/reboot-delay" 2>/dev/null || echo {DEFAULT_REBOOT_DELAY})
+if [ "$delay" = never ]; then
+    echo "$(date +%T.%N) stays down"
+    exit 0
+fi
+sleep "$delay"
+cat /proc/sys/kernel/random/uuid >/proc/sys/kernel/random/boot_id
+echo "$(date +%T.%N) up again, boot id $(cat /proc/sys/kernel/random/boot_id)"
+exec env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \\
+    {SSHD} -D -e -f "$H/sshd_config" </dev/null >>"$H/sshd.log" 2>&1
+"""
+
+
+def _fresh_boot(root: Path) -> None:
+    """What a reboot does to a stopped host's state: empty /run, links, new boot id."""
+    run = root / "run"
+    for entry in run.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            subprocess.run(["rm", "-rf", "--", str(entry)], check=True)
+        else:
+            entry.unlink()
+    (run / "sshd").mkdir(mode=0o755)
+    profile = root / "nix" / "var" / "nix" / "profiles" / "system"
+    if profile.is_symlink():
+        host = TestHost(name=root.name, address="", root=root, pid=0)
+        target = host.resolve("/nix/var/nix/profiles/system").relative_to(root / "nix")
+        system = str(PurePosixPath("/nix") / target)
+        for link in ("booted-system", "current-system"):
+            (run / link).symlink_to(system)
+    (root / "boot_id").write_text(f"{uuid.uuid4()}\n")
+
+
+def _spawn(root: Path) -> subprocess.Popen[bytes]:
+    with (root / "sshd.log").open("ab") as log:
+        return subprocess.Popen(
+            [
+                "/usr/bin/unshare",
+                "--mount",
+                "--uts",
+                "--propagation",
+                "private",
+                "/bin/sh",
+                str(root / "boot.sh"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_SSHD_ENV,
+            start_new_session=True,
+        )
+
+
+def _wait_up(
+    hosts: Sequence[TestHost], procs: Mapping[str, subprocess.Popen[bytes]], timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    pending = list(hosts)
+    while pending:
+        still = []
+        for host in pending:
+            code = procs[host.name].poll()
+            if code is not None:
+                raise FleetError(
+                    f"sshd of test host {host.name} ({host.address}) exited with status {code};"
+                    f" {host.root / 'sshd.log'} ends:\n{host.log_tail()}"
+                )
+            if not host.accepts(timeout=0.2):
+                still.append(host)
+        pending = still
+        if pending and time.monotonic() > deadline:
+            host = pending[0]
+            raise FleetError(
+                f"test host {host.name} ({host.address}) did not accept SSH within {timeout} s"
+                f" ({len(pending)} hosts pending); {host.root / 'sshd.log'} ends:\n"
+                f"{host.log_tail()}"
+            )
+        if pending:
+            time.sleep(0.02)
+    for host in hosts:
+        if not host.pid_is_mine(host.pid):
+            raise FleetError(f"sshd of {host.name} is not in the host's namespace")
+
+
+def _host_processes(hosts: Iterable[TestHost]) -> dict[str, list[int]]:
+    """Live PIDs per host, found by mount namespace (one whose /nix is the host's H/nix)."""
+    wanted = {}
+    for host in hosts:
+        with contextlib.suppress(OSError):
+            st = os.stat(host.root / "nix")
+            wanted[(st.st_dev, st.st_ino)] = host.name
+    own = os.stat("/proc/self/ns/mnt")
+    owner: dict[tuple[int, int], str | None] = {}  # namespace -> host name
+    found: dict[str, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            ns = os.stat(f"/proc/{entry.name}/ns/mnt")
+        except OSError:
+            continue
+        key = (ns.st_dev, ns.st_ino)
+        if key not in owner:
+            if os.path.samestat(ns, own):
+                owner[key] = None
+            else:
+                try:
+                    st = os.stat(f"/proc/{entry.name}/root/nix")
+                except OSError:
+                    continue  # exiting, or no /nix: decide with the next process of this ns
+                owner[key] = wanted.get((st.st_dev, st.st_ino))
+        name = owner[key]
+        if name is not None:
+            found.setdefault(name, []).append(int(entry.name))
+    return found
+
+
+def _kill_hosts(hosts: Sequence[TestHost]) -> None:
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while True:
+        found = _host_processes(hosts)
+        if not found:
+            return
+        if time.monotonic() > deadline:
+            raise FleetError(f"processes of test hosts survive SIGKILL: {found}")
+        for pids in found.values():
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        time.sleep(0.01)
+
+
+def _poll(check: Callable[[], bool], timeout: float, message: str) -> float:
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise FleetError(f"{message} within {timeout} s")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+# -- CLI ----------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.fleet", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    start = sub.add_parser("start", help="start a fleet; prints the ssh_config path")
+    start.add_argument("--count", type=int, required=True)
+    start.add_argument("--dir", type=Path, required=True)
+    start.add_argument("--first-octet", type=int, default=2)
+    start.add_argument("--names", help="comma-separated host names (default host1..hostN)")
+    stop = sub.add_parser("stop", help="stop the fleet in --dir")
+    stop.add_argument("--dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "start":
+            names = args.names.split(",") if args.names else None
+            began = time.monotonic()
+            fleet = Fleet.start(
+                args.dir,
+                args.count,
+                first_octet=args.first_octet,
+                names=names,
+                stop_at_exit=False,
+            )
+            print(
+                f"{len(fleet)} hosts up in {time.monotonic() - began:.2f} s:"
+                f" {fleet.hosts[0].address} .. {fleet.hosts[-1].address}",
+                file=sys.stderr,
+            )
+            print(fleet.ssh_config)
+        else:
+            began = time.monotonic()
+            Fleet.load(args.dir).stop()
+            print(f"stopped in {time.monotonic() - began:.2f} s", file=sys.stderr)
+    except (FleetError, ValueError, OSError) as e:
+        print(f"fleet: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
