@@ -42,7 +42,7 @@ GiB = 1024 * MiB
 DEFAULT_RESERVE = 1 * GiB
 DEFAULT_NODE_MEMORY = 512 * MiB  # before anything is measured (Colmena's guess)
 MIN_BUDGET = 256 * MiB
-PROBE_CHUNK = 4  # first chunks stay small until time and memory are measured
+PROBE_CHUNK = 2  # first chunks stay small until time and memory are measured
 DONE_MARK = "trace: waggle-node-done "
 
 
@@ -195,8 +195,21 @@ class CostModel:
     mem_base: float = 0.0
     mem_per_node: float = float(DEFAULT_NODE_MEMORY)
     measured: bool = False
+    largest: int = 0  # the biggest chunk measured so far
+
+    def growth_cap(self) -> int:
+        """The biggest chunk worth trying next.
+
+        Costs that grow with the heap only show in chunks big enough to have
+        one, so sizes grow step by step: twice the biggest measured chunk, or
+        four times when the process start dominates (as when many shared files
+        are parsed once per process) and each extra step costs a start.
+        """
+        factor = 4 if self.startup >= self.per_node * self.largest else 2
+        return max(1, self.largest * factor)
 
     def observe(self, stat: ChunkStat) -> None:
+        self.largest = max(self.largest, len(stat.names))
         if stat.points:
             self.time_points += [(float(i), t) for i, t, _ in stat.points]
             self.mem_points += [(float(i), float(r)) for i, _, r in stat.points if r > 0]
@@ -272,23 +285,29 @@ class Planner:
         return max(1, int((self.budget.budget - m.mem_base) // max(m.mem_per_node, 1.0)))
 
     def best_size(self, remaining: int) -> int:
-        """The chunk size that finishes `remaining` nodes soonest (estimated)."""
+        """The chunk size with the least estimated evaluator time per node.
+
+        Cost per node of a chunk of k is time(k) / (k * evaluators that fit in
+        the budget side by side). A bigger chunk must win by 3% to be taken:
+        near-ties go to the smaller, safer chunk. The last round shares what
+        is left evenly across the evaluators.
+        """
         m = self.model
-        best: tuple[float, int] | None = None
-        cap = min(remaining, self.max_size_for_memory())
-        for k in range(1, cap + 1):
-            parallel = min(self.workers, math.ceil(remaining / k))
-            parallel = max(1, min(parallel, int(self.budget.budget // max(m.memory(k), 1.0))))
-            rounds = math.ceil(remaining / (parallel * k))
-            estimate = rounds * m.seconds(k)
-            # Prefer bigger chunks when estimates are within 2%: fewer processes.
-            if best is None or estimate <= best[0] * 1.02:
-                best = (min(estimate, best[0]) if best else estimate, k)
-        assert best is not None
-        k = best[1]
-        parallel = max(1, min(self.workers, math.ceil(remaining / k)))
-        rounds = math.ceil(remaining / (parallel * k))
-        return max(1, math.ceil(remaining / (rounds * parallel)))
+        cap = min(remaining, self.max_size_for_memory(), m.growth_cap())
+
+        def parallel(k: int) -> int:
+            side_by_side = int(self.budget.budget // max(m.memory(k), 1.0))
+            return max(1, min(self.workers, side_by_side))
+
+        best_k, best = 1, m.seconds(1) / parallel(1)
+        for k in range(2, cap + 1):
+            cost = m.seconds(k) / (k * parallel(k))
+            if cost < best * 0.97:
+                best_k, best = k, cost
+        p = parallel(best_k)
+        if remaining <= best_k * p:
+            return max(1, math.ceil(remaining / p))
+        return best_k
 
 
 # -- running -------------------------------------------------------------------

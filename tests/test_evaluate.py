@@ -67,23 +67,34 @@ def test_fit_polynomial_recovers_coefficients():
 
 def test_first_chunks_are_small_probes():
     planner = Planner(EvalSettings(jobs=2), budget(20 * GiB), 64)
-    assert planner.next_size(64) == 4
-    assert planner.next_size(6) == 3
+    assert planner.next_size(64) == 2
+    assert planner.next_size(2, running=1) == 2
+    assert planner.next_size(3, running=1) == 2
 
 
 def test_shared_startup_cost_favours_big_chunks():
-    # Startup dominates (as with nixpkgs parsed once per process): few big chunks.
+    # Startup dominates (as with nixpkgs parsed once per process): big steps up.
     planner = Planner(EvalSettings(jobs=2), budget(20 * GiB), 64)
     planner.model.observe(chunk(4, lambda i: 1.0 + 0.05 * i, lambda i: 100 * MiB + 10 * MiB * i))
-    size = planner.next_size(56)
-    assert size == 28
+    assert planner.model.growth_cap() == 16
+    assert planner.next_size(56) == 16
+    planner.model.observe(chunk(14, lambda i: 1.0 + 0.05 * i, lambda i: 100 * MiB + 10 * MiB * i))
+    assert planner.next_size(28) == 14  # the rest in one round on both cores
+
+
+def test_linear_cost_grows_chunks_step_by_step():
+    planner = Planner(EvalSettings(jobs=2), budget(20 * GiB), 64)
+    planner.model.observe(chunk(2, lambda i: 0.02 + 0.2 * i, lambda i: 100 * MiB * i))
+    assert planner.model.growth_cap() == 4
+    # Hardly any start-up cost: bigger chunks gain little, so stay small.
+    assert planner.next_size(60) == 2
 
 
 def test_growing_heap_favours_small_chunks():
     # Per-node cost grows with the heap (GC): small chunks on both cores.
     planner = Planner(EvalSettings(jobs=2), budget(20 * GiB), 64)
     planner.model.observe(chunk(4, lambda i: 0.05 + 0.3 * i + 0.2 * i * i, lambda i: 50 * MiB * i))
-    assert planner.next_size(56) <= 2
+    assert planner.next_size(56) == 1
 
 
 def test_memory_budget_bounds_chunk_size():
@@ -184,7 +195,7 @@ def test_auto_planner_measures_memory_and_time(tmp_path):
     run = asyncio.run(evaluate_and_build(hive, names, EvalSettings(), None))
     assert all(r.ok for r in run.nodes)
     first = run.evaluation.chunks[0]
-    assert len(first.names) <= 4
+    assert len(first.names) <= 2
     # One trace point per node, memory sampled at each.
     assert len(first.points) == len(first.names)
     assert all(rss > 0 for _, _, rss in first.points)
