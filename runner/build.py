@@ -50,11 +50,11 @@ async def build_node(ev: NodeEval, hive: Hive, settings: BuildSettings) -> NodeR
         )
     except NixError as e:
         stage = StageResult(
-            Stage.BUILD, Status.FAILED, time.monotonic() - start, e.message, e.detail
+            Stage.BUILD, Status.FAILED, time.monotonic() - start, e.summary, e.detail
         )
         return NodeResult(ev.name, (eval_stage, stage), ev.drv_path)
-    out = realised.outputs[0] if not root else ev.out_path
-    stage = StageResult(Stage.BUILD, Status.OK, time.monotonic() - start, out or "")
+    del realised  # the output path is known from evaluation
+    stage = StageResult(Stage.BUILD, Status.OK, time.monotonic() - start, ev.out_path or "")
     return NodeResult(ev.name, (eval_stage, stage), ev.drv_path, ev.out_path)
 
 

@@ -14,7 +14,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -297,20 +297,16 @@ def _print_results(results: Sequence[NodeResult]) -> None:
 
 
 async def cmd_build(ns: argparse.Namespace, *, goal: str = "build") -> int:
-    hive = await _open_hive(ns)
     eval_settings = _eval_settings(ns)
-    if goal in DEPLOYING_GOALS and ns.on is None:
-        meta = await hive.meta()
-        if not meta.allow_apply_all:
-            raise UsageError(
-                "no node filter: meta.allowApplyAll is false in this hive, so deploying needs --on"
-            )
+    hive = await _open_hive(ns)
     meta = await hive.meta()
-    hive = hive.with_flags(
-        nix.NixFlags(**{**hive.flags.__dict__, "machines_file": meta.machines_file})
-    )
+    if goal in DEPLOYING_GOALS and ns.on is None and not meta.allow_apply_all:
+        raise UsageError(
+            "no node filter: meta.allowApplyAll is false in this hive, so deploying needs --on"
+        )
     if goal != "build":
         raise UsageError(f"apply {goal}: deploying to hosts is not built yet; use 'waggle build'")
+    hive = hive.with_flags(replace(hive.flags, machines_file=meta.machines_file))
     selection = await _select(hive, ns.on)
     gc_dir = None
     if ns.keep_result:

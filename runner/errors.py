@@ -40,9 +40,12 @@ class HiveError(WaggleError):
 class NixError(WaggleError):
     """A Nix command failed; `detail` holds Nix's own message."""
 
-    def __init__(self, message: str, *, detail: str = "", returncode: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, detail: str = "", returncode: int | None = None, summary: str = ""
+    ) -> None:
         super().__init__(message, detail=detail)
         self.returncode = returncode
+        self.summary = summary or message  # the cause alone, without "X failed:"
 
 
 class ToolMissingError(WaggleError):

@@ -112,11 +112,14 @@ async def eval_json(
 
 def _failure(what: str, done: Completed, timeout: float | None) -> NixError:
     if done.timed_out:
-        return NixError(f"{what} timed out after {timeout:g} s", returncode=None)
+        summary = f"timed out after {timeout:g} s"
+        return NixError(f"{what} {summary}", summary=summary)
+    summary = first_error_line(done.stderr)
     return NixError(
-        f"{what} failed: {first_error_line(done.stderr)}",
+        f"{what} failed: {summary}",
         detail=error_text(done.stderr),
         returncode=done.returncode,
+        summary=summary,
     )
 
 

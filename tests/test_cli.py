@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -214,3 +215,23 @@ def test_allow_apply_all_false_refuses_deploy_without_on(tmp_path):
 
 def test_standin_path_is_real():
     assert (STANDIN / "default.nix").is_file()
+
+
+def test_machines_file_builders_reach_nix(tmp_path):
+    # A unique node so its system must be built; with max-jobs 0 Nix must use
+    # meta.machinesFile's builder, a loopback address where nothing listens.
+    write_hive(
+        tmp_path,
+        f"""
+    {{
+      meta = {{ nixpkgs = import @NIXPKGS@ {{ }}; machinesFile = ./machines; }};
+      alpha = {{ environment.etc.unique.text = "{tmp_path}"; }};
+    }}
+    """,
+    )
+    (tmp_path / "machines").write_text(f"ssh://root@127.0.0.254 {platform.machine()}-linux - 4 1\n")
+    done = waggle("--nix-option", "max-jobs", "0", "build", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "node alpha: build failed" in done.stderr
+    assert "127.0.0.254" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -61,7 +61,7 @@ class Hive:
         try:
             url = await nix.flake_locked_url(self.source.ref, self.flags)
         except NixError as e:
-            raise HiveError(f"flake {self.source.ref}: {e.message}", detail=e.detail) from e
+            raise HiveError(f"flake {self.source.ref}: {e.summary}", detail=e.detail) from e
         store_dir = await nix.add_to_store(str(NIX_DIR))
         nar_hash = await nix.nar_hash_sri(store_dir)
         return replace(self, locked_url=url, nix_store_dir=store_dir, nix_nar_hash=nar_hash)
@@ -106,7 +106,7 @@ class Hive:
             )
         except NixError as e:
             raise HiveError(
-                f"{self.source.describe()}: {what}: {e.message.removeprefix('evaluation failed: ')}",
+                f"{self.source.describe()}: {what}: {e.summary}",
                 detail=e.detail,
             ) from e
         return out.value
@@ -132,7 +132,7 @@ class Hive:
         except NixError as e:
             if len(names) == 1:
                 raise HiveError(
-                    f"node {names[0]}: {e.message.removeprefix('evaluation failed: ')}",
+                    f"node {names[0]}: {e.summary}",
                     detail=e.detail,
                 ) from e
             mid = len(names) // 2
