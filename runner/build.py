@@ -31,8 +31,10 @@ def gc_root_path(directory: Path, node: str) -> Path:
 
 def _eval_stage(ev: NodeEval) -> StageResult:
     if ev.ok:
-        return StageResult(Stage.EVAL, Status.OK, ev.seconds)
-    return StageResult(Stage.EVAL, Status.FAILED, ev.seconds, ev.error or "failed", ev.detail)
+        return StageResult(Stage.EVAL, Status.OK, ev.seconds, started_at=ev.started_at)
+    return StageResult(
+        Stage.EVAL, Status.FAILED, ev.seconds, ev.error or "failed", ev.detail, ev.started_at
+    )
 
 
 async def build_node(ev: NodeEval, hive: Hive, settings: BuildSettings) -> NodeResult:
@@ -43,18 +45,20 @@ async def build_node(ev: NodeEval, hive: Hive, settings: BuildSettings) -> NodeR
     if settings.gc_root_dir is not None:
         settings.gc_root_dir.mkdir(parents=True, exist_ok=True)
         root = str(gc_root_path(settings.gc_root_dir, ev.name))
-    start = time.monotonic()
+    start, started_at = time.monotonic(), time.time()
     try:
         realised = await nix.realise(
             [ev.drv_path], hive.flags, gc_root=root, timeout=settings.timeout
         )
     except NixError as e:
         stage = StageResult(
-            Stage.BUILD, Status.FAILED, time.monotonic() - start, e.summary, e.detail
+            Stage.BUILD, Status.FAILED, time.monotonic() - start, e.summary, e.detail, started_at
         )
         return NodeResult(ev.name, (eval_stage, stage), ev.drv_path)
     del realised  # the output path is known from evaluation
-    stage = StageResult(Stage.BUILD, Status.OK, time.monotonic() - start, ev.out_path or "")
+    stage = StageResult(
+        Stage.BUILD, Status.OK, time.monotonic() - start, ev.out_path or "", started_at=started_at
+    )
     return NodeResult(ev.name, (eval_stage, stage), ev.drv_path, ev.out_path)
 
 

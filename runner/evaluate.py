@@ -129,6 +129,7 @@ class NodeEval:
     error: str | None  # one line
     detail: str  # Nix's full message on failure
     seconds: float
+    started_at: float = 0.0  # epoch seconds when its evaluator started
 
     @property
     def ok(self) -> bool:
@@ -150,6 +151,7 @@ class EvalRun:
     chunks: tuple[ChunkStat, ...]
     budget: MemoryBudget
     peak_rss_total: int  # highest sum of concurrently running evaluators
+    finished_at: float  # epoch seconds when the last evaluator ended
 
     @property
     def failed(self) -> list[str]:
@@ -362,7 +364,7 @@ class Evaluator:
             for task in done:
                 self._running_memory -= running.pop(task)
                 retries.extend(task.result())
-        return EvalRun(self.results, tuple(self.stats), self.budget, self.peak_total)
+        return EvalRun(self.results, tuple(self.stats), self.budget, self.peak_total, time.time())
 
     async def _finish(self, result: NodeEval) -> None:
         self.results[result.name] = result
@@ -387,7 +389,7 @@ class Evaluator:
             if chunk.single
             else self.hive.chunk_expr(chunk.names)
         )
-        started = time.monotonic()
+        started, started_at = time.monotonic(), time.time()
         out = await nix.eval_json(
             expr,
             self.hive.flags,
@@ -429,6 +431,7 @@ class Evaluator:
                         nix.first_error_line(done.stderr),
                         nix.error_text(done.stderr),
                         elapsed,
+                        started_at,
                     )
                 )
                 return []
@@ -442,7 +445,9 @@ class Evaluator:
         for name in chunk.names:
             entry = value.get(name) if isinstance(value, dict) else None
             if isinstance(entry, dict) and "drv" in entry and "out" in entry:
-                result = NodeEval(name, str(entry["drv"]), str(entry["out"]), None, "", per_node)
+                result = NodeEval(
+                    name, str(entry["drv"]), str(entry["out"]), None, "", per_node, started_at
+                )
             elif not chunk.single:
                 retry.append(_Chunk((name,), single=True))
                 continue

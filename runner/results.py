@@ -39,6 +39,7 @@ class StageResult:
     seconds: float
     message: str = ""
     detail: str = ""  # e.g. Nix's full error or a log tail
+    started_at: float = 0.0  # wall-clock (epoch) seconds when the stage began
 
 
 @dataclass(frozen=True)

@@ -200,3 +200,28 @@ def test_auto_planner_measures_memory_and_time(tmp_path):
     assert len(first.points) == len(first.names)
     assert all(rss > 0 for _, _, rss in first.points)
     assert run.evaluation.peak_rss_total <= run.evaluation.budget.budget
+
+
+def test_builds_start_while_later_chunks_evaluate(tmp_path):
+    # One evaluator, chunks of 2: the first chunk's builds must be under way
+    # (indeed done) before the last chunk's evaluation has finished.
+    hive = open_hive(
+        write_hive(
+            tmp_path,
+            MANY.replace("@COUNT@", "8").replace(
+                'environment.etc."id".text = "node ${toString i}\\n";',
+                'environment.etc."id".text = "node ${toString i} ${toString (builtins.length (builtins.genList (x: x) (i * 60000)))}\\n";',
+            ),
+        )
+    )
+    names = asyncio.run(hive.node_names())
+    run = asyncio.run(
+        evaluate_and_build(hive, names, EvalSettings(node_limit=2, jobs=1), BuildSettings(jobs=2))
+    )
+    assert all(r.ok for r in run.nodes)
+    first_chunk = run.evaluation.chunks[0].names
+    builds = [
+        s for r in run.nodes if r.name in first_chunk for s in r.stages if s.stage.value == "build"
+    ]
+    assert len(builds) == 2
+    assert all(b.started_at + b.seconds < run.evaluation.finished_at for b in builds)

@@ -112,8 +112,13 @@ class Hive:
         return out.value
 
     async def node_names(self) -> list[str]:
-        names = await self._eval("nodeNames", what="listing nodes")
-        return sorted(str(n) for n in names)
+        names = sorted(str(n) for n in await self._eval("nodeNames", what="listing nodes"))
+        for name in names:
+            if not name.strip() or "/" in name:
+                raise HiveError(
+                    f"{self.source.describe()}: node name {name!r} is empty or has a '/'"
+                )
+        return names
 
     async def meta(self) -> MetaConfig:
         return MetaConfig.from_json(await self._eval("metaConfig", what="reading meta"))

@@ -85,11 +85,6 @@ let
         // (meta.nodeSpecialArgs.${name} or { });
     };
 
-  checkName = name:
-    if elem name reservedNames
-    then throw "waggle: \"${name}\" is a reserved name and cannot name a node"
-    else name;
-
   # What modules see as `nodes`: a second, lazily evaluated copy of every node
   # without unknown-option checks, as Colmena does.
   uncheckedNodes = listToAttrs (map (name: {
@@ -98,7 +93,7 @@ let
   }) nodeNames);
 
   nodes = listToAttrs (map (name: {
-    name = checkName name;
+    inherit name;
     value = evalNode name [ ];
   }) nodeNames);
 
