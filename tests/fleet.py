@@ -751,35 +751,50 @@ def _wait_up(
 
 
 def _host_processes(hosts: Iterable[TestHost]) -> dict[str, list[int]]:
-    """Live PIDs per host, found by mount namespace (one whose /nix is the host's H/nix)."""
-    wanted = {}
+    """Live PIDs per host, found by mount namespace.
+
+    A process is host H's when its /nix is H/nix, or its root is H/run/sshd (sshd's chrooted
+    privilege-separation children), or it shares a mount namespace with such a process.
+    """
+    marks: dict[tuple[int, int], str] = {}  # (dev, ino) of H/nix and H/run/sshd -> host
     for host in hosts:
-        with contextlib.suppress(OSError):
-            st = os.stat(host.root / "nix")
-            wanted[(st.st_dev, st.st_ino)] = host.name
+        for sub in ("nix", "run/sshd"):
+            with contextlib.suppress(OSError):
+                st = os.stat(host.root / sub)
+                marks[(st.st_dev, st.st_ino)] = host.name
     own = os.stat("/proc/self/ns/mnt")
-    owner: dict[tuple[int, int], str | None] = {}  # namespace -> host name
+    owner: dict[tuple[int, int], str] = {}  # mount namespace -> host
+    unknown: list[tuple[int, tuple[int, int]]] = []
     found: dict[str, list[int]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
+        pid = int(entry.name)
         try:
-            ns = os.stat(f"/proc/{entry.name}/ns/mnt")
+            ns = os.stat(f"/proc/{pid}/ns/mnt")
         except OSError:
+            continue  # gone, or a zombie
+        if os.path.samestat(ns, own):
             continue
         key = (ns.st_dev, ns.st_ino)
-        if key not in owner:
-            if os.path.samestat(ns, own):
-                owner[key] = None
-            else:
+        name = owner.get(key)
+        if name is None:
+            for probe in (f"/proc/{pid}/root/nix", f"/proc/{pid}/root"):
                 try:
-                    st = os.stat(f"/proc/{entry.name}/root/nix")
+                    st = os.stat(probe)
                 except OSError:
-                    continue  # exiting, or no /nix: decide with the next process of this ns
-                owner[key] = wanted.get((st.st_dev, st.st_ino))
-        name = owner[key]
-        if name is not None:
-            found.setdefault(name, []).append(int(entry.name))
+                    continue
+                name = marks.get((st.st_dev, st.st_ino))
+                if name is not None:
+                    owner[key] = name
+                    break
+        if name is None:
+            unknown.append((pid, key))
+        else:
+            found.setdefault(name, []).append(pid)
+    for pid, key in unknown:
+        if key in owner:
+            found.setdefault(owner[key], []).append(pid)
     return found
 
 
