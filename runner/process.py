@@ -13,7 +13,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import psutil
@@ -160,3 +160,33 @@ async def run(
         peak_rss=sampler.peak,
         timed_out=timed_out,
     )
+
+
+@contextlib.asynccontextmanager
+async def reading(
+    argv: Sequence[str], *, env: Mapping[str, str] | None = None
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Start argv with its stdout as a stream (e.g. `nix-store --export` piped to a host).
+
+    Yields the process; its stderr is collected in `proc.stderr_text` once it
+    exits. The whole process group is killed if the block is left early.
+    """
+    full_env = None if env is None else {**os.environ, **env}
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=full_env,
+            start_new_session=True,
+        )
+    except FileNotFoundError as e:
+        raise ToolMissingError(f"{argv[0]} is not installed or not on PATH") from e
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            _kill_group(proc)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(proc.wait(), 5)
