@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,23 +68,35 @@ class BuildRun:
     evaluation: EvalRun
 
 
+Continuation = Callable[[NodeResult], Awaitable[NodeResult]]
+
+
 async def evaluate_and_build(
     hive: Hive,
     names: Sequence[str],
     eval_settings: EvalSettings,
     build_settings: BuildSettings | None,
+    *,
+    build_elsewhere: Container[str] = (),
+    then: Continuation | None = None,
 ) -> BuildRun:
-    """Evaluate `names` in chunks; build each node as soon as its chunk is done."""
+    """Evaluate `names` in chunks; build each node as soon as its chunk is done.
+
+    Nodes in `build_elsewhere` (buildOnTarget) are evaluated only. `then`
+    continues each node that got this far without failing (push, activate).
+    """
     limit = asyncio.Semaphore(max(1, build_settings.jobs if build_settings else 1))
     tasks: list[asyncio.Task[NodeResult]] = []
 
     async def build_one(ev: NodeEval) -> NodeResult:
-        if build_settings is None:
-            return NodeResult(ev.name, (_eval_stage(ev),), ev.drv_path, ev.out_path)
-        if not ev.ok:
-            return await build_node(ev, hive, build_settings)
-        async with limit:
-            return await build_node(ev, hive, build_settings)
+        if build_settings is None or ev.name in build_elsewhere or not ev.ok:
+            result = NodeResult(ev.name, (_eval_stage(ev),), ev.drv_path, ev.out_path)
+        else:
+            async with limit:
+                result = await build_node(ev, hive, build_settings)
+        if then is not None and result.ok:
+            result = await then(result)
+        return result
 
     def on_result(ev: NodeEval) -> None:
         tasks.append(asyncio.create_task(build_one(ev)))

@@ -212,3 +212,11 @@ async def info() -> NixInfo:
     )
     flakes = probe.ok and probe.stdout.strip() == "true"
     return NixInfo(version=version, flakes=flakes)
+
+
+async def closure(path: str, *, timeout: float = 300) -> list[str]:
+    """`nix-store --query --requisites`: the closure, dependencies first."""
+    done = await process.run(["nix-store", "--query", "--requisites", path], timeout=timeout)
+    if not done.ok:
+        raise _failure(f"querying the closure of {path}", done, timeout)
+    return done.stdout.split()

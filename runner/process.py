@@ -162,14 +162,28 @@ async def run(
     )
 
 
+@dataclass
+class Reading:
+    """A running process whose stdout is read as a stream."""
+
+    proc: asyncio.subprocess.Process
+    stdout: asyncio.StreamReader
+    _stderr: asyncio.Task[bytes]
+
+    async def wait(self) -> tuple[int, str]:
+        """Exit status and stderr, once stdout is consumed."""
+        status = await self.proc.wait()
+        return status, (await self._stderr).decode(errors="replace")
+
+
 @contextlib.asynccontextmanager
 async def reading(
     argv: Sequence[str], *, env: Mapping[str, str] | None = None
-) -> AsyncIterator[asyncio.subprocess.Process]:
+) -> AsyncIterator[Reading]:
     """Start argv with its stdout as a stream (e.g. `nix-store --export` piped to a host).
 
-    Yields the process; its stderr is collected in `proc.stderr_text` once it
-    exits. The whole process group is killed if the block is left early.
+    Stderr is collected in the background; the whole process group is killed
+    if the block is left before the process ended.
     """
     full_env = None if env is None else {**os.environ, **env}
     try:
@@ -183,10 +197,14 @@ async def reading(
         )
     except FileNotFoundError as e:
         raise ToolMissingError(f"{argv[0]} is not installed or not on PATH") from e
+    assert proc.stdout is not None and proc.stderr is not None
+    stderr_task = asyncio.create_task(proc.stderr.read())
     try:
-        yield proc
+        yield Reading(proc, proc.stdout, stderr_task)
     finally:
         if proc.returncode is None:
             _kill_group(proc)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(proc.wait(), 5)
+        if not stderr_task.done():
+            stderr_task.cancel()
