@@ -1,0 +1,488 @@
+"""deployment.keys upload (runner/keys.py) against real sshd hosts and the fake host.
+
+The fleet tests need root (mount namespaces, port 22); they are skipped without it unless
+CI=true, where they must run. The fake-host and read_key tests run anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import logging
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from runner.hive.model import Key, KeySource, UploadAt
+from runner.hosts.ssh import SshHost, SshSettings, SshTarget
+from runner.keys import KeysOutcome, KeyUploadError, read_key, upload_key, upload_keys
+from tests.fake_ssh import DEFAULT_ENV, FakeHost
+from tests.fleet import Fleet, TestHost, free_first_octet
+
+NODE = "host1"
+SUDO = ("sudo", "-H", "--")
+NIX_STORE = Path("/nix/store")
+
+
+def make_key(
+    name: str,
+    *,
+    text: str | None = None,
+    key_file: str | None = None,
+    key_command: tuple[str, ...] | None = None,
+    dest_dir: str = "/run/keys",
+    user: str = "root",
+    group: str = "root",
+    permissions: str = "0600",
+    upload_at: UploadAt = UploadAt.PRE_ACTIVATION,
+) -> Key:
+    return Key(
+        attr=name,
+        name=name,
+        source=KeySource(text=text, key_file=key_file, key_command=key_command),
+        dest_dir=dest_dir,
+        path=f"{dest_dir}/{name}",
+        user=user,
+        group=group,
+        permissions=permissions,
+        upload_at=upload_at,
+    )
+
+
+# -- the fleet ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    if os.geteuid() != 0 and os.environ.get("CI") != "true":
+        pytest.skip("the test fleet needs root (mount namespaces, port 22)")
+    # Not under pytest's 0700 basetemp: a non-root login (the sudo test) has sshd read
+    # D/authorized_keys as that user, so D must be traversable.
+    directory = Path(tempfile.mkdtemp(prefix="waggle-keys-", dir="/tmp"))
+    try:
+        directory.chmod(0o711)
+        fleet = Fleet.start(directory, 1, names=[NODE], first_octet=free_first_octet(1, 140))
+        try:
+            fleet.authorized_keys.chmod(0o644)
+            ok(fleet, "groupadd -f g && useradd -M -g g u")
+            yield fleet
+        finally:
+            fleet.stop()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def ok(fleet: Fleet, command: str) -> str:
+    done = fleet.run(NODE, command)
+    assert done.returncode == 0, (command, done.stderr.decode())
+    return done.stdout.decode()
+
+
+def on_host(fleet: Fleet, work, *, user: str = "root"):
+    """Run `work(host)` with an SshHost connected to the fleet host as `user`."""
+
+    async def main():
+        target = SshTarget(node=NODE, host=NODE, user=user, escalation=SUDO)
+        host = SshHost(target, SshSettings(config_files=(str(fleet.ssh_config),)))
+        try:
+            return await work(host)
+        finally:
+            await host.close()
+
+    return asyncio.run(main())
+
+
+def ids(host: TestHost, database: str, name: str) -> int:
+    """The uid (passwd) or gid (group) of `name` in the test host's own /etc."""
+    for line in host.path(f"/etc/{database}").read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == name:
+            return int(fields[2])
+    raise AssertionError(f"{name} not in the host's /etc/{database}")
+
+
+def stat_of(host: TestHost, path: str) -> tuple[str, int, int]:
+    st = host.path(path).stat()
+    return oct(st.st_mode & 0o7777), st.st_uid, st.st_gid
+
+
+def leftovers(host: TestHost, directory: str = "/run/keys") -> list[str]:
+    local = host.path(directory)
+    return sorted(p.name for p in local.iterdir() if ".waggle-" in p.name) if local.is_dir() else []
+
+
+def test_every_source_lands_with_its_content_mode_and_owner(fleet, tmp_path):
+    host = fleet[NODE]
+    absolute = tmp_path / "abs.key"
+    absolute.write_bytes(b"from an absolute keyFile\n")
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "rel.key").write_bytes(b"relative to the hive\n")
+    keys = [
+        make_key("text", text="plain text \u00e9\n"),
+        make_key("abs", key_file=str(absolute), permissions="0640", user="u", group="g"),
+        make_key("rel", key_file="secrets/rel.key", upload_at=UploadAt.POST_ACTIVATION),
+        make_key("cmd", key_command=("sh", "-c", r"printf 'bin\377\000ary'"), permissions="400"),
+    ]
+
+    async def work(h):
+        return await upload_keys(
+            h, keys, phase="all", require_ownership=True, base_dir=tmp_path, timeout=30
+        )
+
+    outcome = on_host(fleet, work)
+    assert isinstance(outcome, KeysOutcome)
+    assert outcome.uploaded == ("text", "abs", "rel", "cmd")
+    assert outcome.message == "4 keys uploaded" and outcome.owner_deferred == ()
+    assert outcome.seconds > 0
+    assert host.path("/run/keys/text").read_bytes() == "plain text \u00e9\n".encode()
+    assert host.path("/run/keys/abs").read_bytes() == b"from an absolute keyFile\n"
+    assert host.path("/run/keys/rel").read_bytes() == b"relative to the hive\n"
+    assert host.path("/run/keys/cmd").read_bytes() == b"bin\377\000ary"  # bytes, not text
+    u, g = ids(host, "passwd", "u"), ids(host, "group", "g")
+    assert stat_of(host, "/run/keys/text") == ("0o600", 0, 0)
+    assert stat_of(host, "/run/keys/abs") == ("0o640", u, g)
+    assert stat_of(host, "/run/keys/rel") == ("0o600", 0, 0)
+    assert stat_of(host, "/run/keys/cmd") == ("0o400", 0, 0)
+    assert oct(host.path("/run/keys").stat().st_mode & 0o777) == "0o755"
+    assert leftovers(host) == []
+    assert not Path("/run/keys/abs").exists()  # the host's /run, not this machine's
+
+
+def test_pre_activation_defers_a_missing_owner_post_activation_requires_it(fleet):
+    host = fleet[NODE]
+    pre = make_key("later", text="pre\n", user="later", group="g", permissions="0640")
+    post = make_key(
+        "ghost", text="post\n", user="ghost", group="ghosts", upload_at=UploadAt.POST_ACTIVATION
+    )
+
+    async def work(h):
+        first = await upload_keys(
+            h,
+            [pre, post],
+            phase="pre-activation",
+            require_ownership=False,
+            base_dir=None,
+            timeout=30,
+        )
+        with pytest.raises(KeyUploadError) as failed:
+            await upload_keys(
+                h,
+                [pre, post],
+                phase="post-activation",
+                require_ownership=True,
+                base_dir=None,
+                timeout=30,
+            )
+        with pytest.raises(KeyUploadError) as replaced:
+            await upload_key(h, pre, b"new\n", require_ownership=True, timeout=30)
+        return first, failed.value, replaced.value
+
+    first, failed, replaced = on_host(fleet, work)
+    assert first.uploaded == ("later",) and first.owner_deferred == ("later",)
+    assert "1 key uploaded" in first.message and "during activation" in first.message
+    assert stat_of(host, "/run/keys/later") == ("0o640", 0, 0)  # root until activation
+    assert str(failed) == (
+        "node host1: key ghost: cannot install /run/keys/ghost: exit status 1:"
+        " owner not found on the host: user ghost, group ghosts"
+    )
+    assert failed.exit_code == 1
+    assert str(replaced).endswith(": exit status 1: owner not found on the host: user later")
+    assert not host.path("/run/keys/ghost").exists()
+    assert host.path("/run/keys/later").read_bytes() == b"pre\n"  # the old key stays whole
+    assert leftovers(host) == []
+
+
+def test_phases_select_keys_and_say_when_there_are_none(fleet):
+    pre = make_key("p", text="p")
+
+    async def work(h):
+        return await upload_keys(
+            h, [pre], phase="post-activation", require_ownership=True, base_dir=None, timeout=30
+        )
+
+    outcome = on_host(fleet, work)
+    assert outcome.uploaded == () and outcome.message == "no post-activation keys"
+    assert KeysOutcome("pre-activation", (), 0.0).message == "no pre-activation keys"
+    assert KeysOutcome("all", (), 0.0).message == "no keys"
+
+
+def test_a_custom_dest_dir_is_created(fleet):
+    host = fleet[NODE]
+    key = make_key("db", text="hunter2", dest_dir="/run/app/secrets/db", user="u", group="g")
+
+    async def work(h):
+        await upload_key(h, key, b"hunter2", require_ownership=True, timeout=30)
+
+    on_host(fleet, work)
+    assert host.path("/run/app/secrets/db/db").read_bytes() == b"hunter2"
+    assert stat_of(host, "/run/app/secrets/db/db")[0] == "0o600"
+    for d in ("/run/app", "/run/app/secrets", "/run/app/secrets/db"):
+        assert oct(host.path(d).stat().st_mode & 0o777) == "0o755", d
+    assert leftovers(host, "/run/app/secrets/db") == []
+
+
+def test_replacing_a_key_is_atomic(fleet):
+    host = fleet[NODE]
+    size = 8 << 20
+    old, new = b"A" * size, b"B" * size
+    key = make_key("big", text="unused")
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        local = host.path("/run/keys/big")
+        while not stop.is_set():
+            try:
+                data = local.read_bytes()
+            except FileNotFoundError:
+                seen.append("missing")
+                continue
+            seen.append("old" if data == old else "new" if data == new else f"partial {len(data)}")
+
+    async def work(h):
+        await upload_key(h, key, old, require_ownership=True, timeout=60)
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            await upload_key(h, key, new, require_ownership=True, timeout=60)
+            await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            await asyncio.to_thread(watcher.join)
+
+    on_host(fleet, work)
+    assert host.path("/run/keys/big").read_bytes() == new
+    assert set(seen) <= {"old", "new"}, sorted(set(seen))
+    assert "old" in seen and "new" in seen
+    assert leftovers(host) == []
+
+
+def test_a_failed_install_leaves_no_temporary_file(fleet):
+    host = fleet[NODE]
+    ok(fleet, "mkdir -p /run/keys/taken && touch /run/keys/taken/inside")
+    key = make_key("taken", text="x")
+
+    async def work(h):
+        with pytest.raises(KeyUploadError) as failed:
+            await upload_key(h, key, b"x", require_ownership=True, timeout=30)
+        return failed.value
+
+    failed = on_host(fleet, work)
+    assert str(failed).startswith("node host1: key taken: cannot install /run/keys/taken: ")
+    assert host.path("/run/keys/taken/inside").exists()  # the directory is untouched
+    assert leftovers(host) == []
+
+
+def test_non_root_target_user_escalates_with_sudo(fleet):
+    if shutil.which("sudo") is None or not fleet[NODE].path("/etc/sudoers").exists():
+        pytest.skip("sudo is not installed (scripts/setup.sh should install it)")
+    host = fleet[NODE]
+    ok(
+        fleet,
+        "id deploy >/dev/null 2>&1 || useradd -M -d / -s /bin/sh -p '*' deploy;"
+        " echo 'deploy ALL=(ALL) NOPASSWD: ALL' > /etc/sudoers.d/deploy;"
+        " chmod 0440 /etc/sudoers.d/deploy; grep -q ' host1$' /etc/hosts"
+        " || echo '127.0.0.1 host1' >> /etc/hosts",
+    )
+    key = make_key("via-sudo", text="escalated\n", user="u", group="g", permissions="0640")
+
+    async def work(h):
+        who = await h.run(["id", "-un"], privileged=False)
+        outcome = await upload_keys(
+            h, [key], phase="all", require_ownership=True, base_dir=None, timeout=30
+        )
+        return who.stdout.strip(), outcome
+
+    who, outcome = on_host(fleet, work, user="deploy")
+    assert who == "deploy"
+    assert outcome.uploaded == ("via-sudo",)
+    assert host.path("/run/keys/via-sudo").read_bytes() == b"escalated\n"
+    u, g = ids(host, "passwd", "u"), ids(host, "group", "g")
+    assert stat_of(host, "/run/keys/via-sudo") == ("0o640", u, g)
+    assert leftovers(host) == []
+
+
+def test_poison_never_leaves_the_key_file_on_a_real_host(fleet, caplog):
+    host = fleet[NODE]
+    poison = f"POISON-{uuid.uuid4()}"
+    store_before = set(os.listdir(NIX_STORE)) if NIX_STORE.is_dir() else set()
+    caplog.set_level(logging.DEBUG)
+    good = make_key("poisoned", text=poison)
+    bad = make_key("poisoned-bad", text=poison, user="nobody-here")
+
+    async def work(h):
+        await upload_key(h, good, poison.encode(), require_ownership=True, timeout=30)
+        with pytest.raises(KeyUploadError) as failed:
+            await upload_keys(
+                h, [bad], phase="all", require_ownership=True, base_dir=None, timeout=30
+            )
+        return failed.value
+
+    failed = on_host(fleet, work)
+    assert host.path("/run/keys/poisoned").read_text() == poison
+    assert poison not in str(failed) and poison not in repr(failed)
+    assert poison not in caplog.text
+    assert poison not in (host.root / "sshd.log").read_text(errors="replace")
+    # Neither this machine's store nor the host's holds it.
+    grep = subprocess.run(
+        ["grep", "-rlF", "--", poison, str(host.path("/nix"))], capture_output=True, check=False
+    )
+    assert grep.returncode == 1, grep.stdout
+    new = sorted(set(os.listdir(NIX_STORE)) - store_before) if NIX_STORE.is_dir() else []
+    if new:
+        paths = [str(NIX_STORE / n) for n in new]
+        grep = subprocess.run(
+            ["grep", "-rlF", "--", poison, *paths], capture_output=True, check=False
+        )
+        assert grep.returncode == 1, grep.stdout
+
+
+# -- the fake host (fast; escalation path; every command recorded) ------------------------------
+
+
+def _me() -> tuple[str, str]:
+    return pwd.getpwuid(os.getuid()).pw_name, grp.getgrgid(os.getgid()).gr_name
+
+
+def on_fake(tmp_path: Path, work):
+    """Run `work(fake, host)`: an SshHost as non-root user "deploy" with `sudo -H --`.
+
+    The fake host runs commands as the test's own user; its `sudo` is a stand-in on PATH
+    that drops `-H --` and runs the rest, so the escalation path is exercised end to end.
+    """
+    bindir = tmp_path / "fakebin"
+    bindir.mkdir()
+    sudo = bindir / "sudo"
+    sudo.write_text('#!/bin/sh\n[ "$1" = -H ] && shift\n[ "$1" = -- ] && shift\nexec "$@"\n')
+    sudo.chmod(0o755)
+
+    async def main():
+        env = {"PATH": f"{bindir}:{DEFAULT_ENV['PATH']}"}
+        async with FakeHost.start(tmp_path / "fake", name="fake", env=env) as fake:
+            target = SshTarget(node="fake", host="fake", user="deploy", escalation=SUDO)
+            host = SshHost(target, SshSettings(config_files=(str(fake.ssh_config),)))
+            try:
+                return fake, await work(fake, host)
+            finally:
+                await host.close()
+
+    return asyncio.run(main())
+
+
+def test_escalated_upload_sends_content_on_stdin_only(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    poison = f"POISON-{uuid.uuid4()}"
+    user, group = _me()
+    dest = tmp_path / "dest" / "keys"
+    key = make_key("k", text=poison, dest_dir=str(dest), user=user, group=group, permissions="0640")
+    bad = make_key(
+        "bad",
+        text=poison,
+        dest_dir=str(dest),
+        user="no-such-user-here",
+        upload_at=UploadAt.POST_ACTIVATION,
+    )
+
+    async def work(fake, host):
+        outcome = await upload_keys(
+            host,
+            [key],
+            phase="pre-activation",
+            require_ownership=False,
+            base_dir=None,
+            timeout=30,
+        )
+        with pytest.raises(KeyUploadError) as failed:
+            await upload_keys(
+                host,
+                [key, bad],
+                phase="post-activation",
+                require_ownership=True,
+                base_dir=None,
+                timeout=30,
+            )
+        return outcome, failed.value
+
+    fake, (outcome, failed) = on_fake(tmp_path, work)
+    assert outcome.uploaded == ("k",)
+    assert (dest / "k").read_text() == poison
+    assert oct((dest / "k").stat().st_mode & 0o777) == "0o640"
+    assert "owner not found on the host: user no-such-user-here" in str(failed)
+    assert not (dest / "bad").exists()
+    assert [p.name for p in dest.iterdir()] == ["k"]  # no temporary file left
+    # Every command went through the escalation prefix; none carried the content.
+    assert fake.commands and all(c.startswith("sudo -H -- ") for c in fake.commands)
+    assert [c.split()[3] for c in fake.commands] == ["mkdir", "sh", "sh"] * 2 + ["rm"]
+    assert not any(poison in c for c in fake.commands)
+    assert poison not in caplog.text and poison not in str(failed)
+
+
+def test_a_lost_connection_still_removes_the_temporary_file(tmp_path):
+    user, group = _me()
+    dest = tmp_path / "keys"
+    key = make_key("k", text="s", dest_dir=str(dest), user=user, group=group)
+
+    async def work(fake, host):
+        fake.drop_on("mv -f -T")
+        with pytest.raises(KeyUploadError) as failed:
+            await upload_key(host, key, b"s", require_ownership=True, timeout=30)
+        return failed.value
+
+    fake, failed = on_fake(tmp_path, work)
+    assert str(failed) == f"node fake: key k: cannot install {dest}/k: the connection was lost"
+    assert fake.connection_count == 2  # reconnected to clean up
+    assert fake.commands[-1].startswith(f"sudo -H -- rm -f -- {dest}/.k.waggle-")
+    assert list(dest.iterdir()) == []
+
+
+# -- reading keys (local) ---------------------------------------------------------------------
+
+
+def test_key_command_failure_names_its_status_never_its_output(tmp_path):
+    script = "echo SECRET-OUTPUT; echo first >&2; echo 'vault: permission denied' >&2; exit 3"
+    key = make_key("api", key_command=("sh", "-c", script))
+    with pytest.raises(KeyUploadError) as failed:
+        asyncio.run(read_key(key, base_dir=tmp_path, timeout=10))
+    assert str(failed.value) == (
+        "key api: keyCommand sh failed with exit status 3: vault: permission denied"
+    )
+    assert failed.value.exit_code == 1
+    assert "SECRET-OUTPUT" not in str(failed.value)
+
+
+def test_key_command_missing_timing_out_and_stdin(tmp_path):
+    missing = make_key("m", key_command=(str(tmp_path / "no-such-tool"),))
+    with pytest.raises(KeyUploadError) as failed:
+        asyncio.run(read_key(missing, base_dir=None, timeout=10))
+    assert str(failed.value) == (
+        f"key m: keyCommand {tmp_path}/no-such-tool is not installed or not on PATH"
+    )
+    slow = make_key("s", key_command=("sleep", "30.0417"))
+    with pytest.raises(KeyUploadError) as failed:
+        asyncio.run(read_key(slow, base_dir=None, timeout=0.3))
+    assert str(failed.value) == "key s: keyCommand sleep timed out after 0.3 s"
+    left = [p for p in psutil.process_iter(["cmdline"]) if "30.0417" in (p.info["cmdline"] or [])]
+    assert left == []  # the command was killed
+    # stdin is /dev/null: a command reading it gets EOF at once.
+    reader = make_key("r", key_command=("sh", "-c", "cat; echo done"))
+    assert asyncio.run(read_key(reader, base_dir=None, timeout=10)) == b"done\n"
+
+
+def test_key_file_relative_and_missing(tmp_path):
+    (tmp_path / "k").write_bytes(b"\x00\xff")
+    rel = make_key("k", key_file="k")
+    assert asyncio.run(read_key(rel, base_dir=tmp_path, timeout=10)) == b"\x00\xff"
+    gone = make_key("gone", key_file="nope/k")
+    with pytest.raises(KeyUploadError) as failed:
+        asyncio.run(read_key(gone, base_dir=tmp_path, timeout=10))
+    assert str(failed.value) == (
+        f"key gone: cannot read keyFile {tmp_path}/nope/k: No such file or directory"
+    )
