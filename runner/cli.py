@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import sys
 import traceback
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from typing_extensions import override
 
 from runner import __version__, nix
 from runner.build import BuildSettings, evaluate_and_build
+from runner.deploy import DeploySettings, Goal, deploy
 from runner.errors import (
     EXIT_INTERRUPTED,
     EXIT_NODES_FAILED,
@@ -31,12 +33,15 @@ from runner.errors import (
     UsageError,
     WaggleError,
 )
-from runner.evaluate import EvalSettings, MemoryBudget, parse_size
+from runner.evaluate import EvalRun, EvalSettings, MemoryBudget, parse_size
+from runner.exec import run_everywhere
 from runner.hive.discovery import locate
 from runner.hive.hive import Hive, nix_string
 from runner.hive.model import NodeConfig
 from runner.hive.selection import Selector, parse_on
-from runner.results import NodeResult
+from runner.hosts.local import LocalHost
+from runner.hosts.ssh import SshSettings
+from runner.results import NodeResult, Stage, Status
 
 log = logging.getLogger("waggle")
 
@@ -49,8 +54,7 @@ exit codes:
   130  interrupted
 """
 
-GOALS = ("build", "push", "switch", "boot", "test", "dry-activate", "upload-keys")
-DEPLOYING_GOALS = frozenset(GOALS) - {"build"}
+GOALS = tuple(str(g) for g in Goal)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -152,6 +156,90 @@ def _build_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _ssh_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ssh-config",
+        metavar="FILE",
+        action="append",
+        help="ssh_config file(s) to use instead of ~/.ssh/config "
+        "(default also from $SSH_CONFIG_FILE)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="timeout of each SSH connection attempt (default 30)",
+    )
+
+
+def _deploy_options(p: argparse.ArgumentParser) -> None:
+    _ssh_options(p)
+    p.add_argument(
+        "-p",
+        "--parallel",
+        type=int,
+        default=10,
+        metavar="N",
+        help="nodes pushing or activating at once (default 10, 0: no limit)",
+    )
+    p.add_argument(
+        "--push-timeout",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="timeout of one node's closure push (default 3600)",
+    )
+    p.add_argument(
+        "--activation-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="timeout of one node's activation (default 600)",
+    )
+    p.add_argument(
+        "--reboot",
+        action="store_true",
+        help="reboot after activation and wait for the node (default goal: boot)",
+    )
+    p.add_argument(
+        "--reboot-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long to wait for a rebooted node (default 600)",
+    )
+    p.add_argument("--no-keys", action="store_true", help="do not upload deployment.keys")
+    p.add_argument(
+        "--no-substitute",
+        "--no-substitutes",
+        dest="no_substitute",
+        action="store_true",
+        help="do not let hosts substitute missing paths",
+    )
+    p.add_argument(
+        "--build-on-target",
+        action="store_true",
+        default=None,
+        help="build every node on its host (deployment.buildOnTarget for all)",
+    )
+    p.add_argument(
+        "--no-build-on-target",
+        dest="build_on_target",
+        action="store_false",
+        help="build every node locally",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="activate even hosts that already run the new system"
+    )
+    p.add_argument(
+        "--force-replace-unknown-profiles",
+        action="store_true",
+        help="activate even where replaceUnknownProfiles is false and the host's "
+        "profile is unknown here",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="waggle",
@@ -187,10 +275,56 @@ def build_parser() -> argparse.ArgumentParser:
         "goal",
         nargs="?",
         choices=GOALS,
-        default="switch",
-        help="build, push, switch (default), boot, test, dry-activate, upload-keys",
+        default=None,
+        help="build, push, switch (default; boot with --reboot), test, dry-activate, upload-keys",
     )
     _selection_options(p)
+    _eval_options(p)
+    _build_options(p)
+    _deploy_options(p)
+
+    p = add(
+        "upload-keys", "upload the selected nodes' deployment.keys (all of them) and nothing else"
+    )
+    _selection_options(p)
+    _deploy_options(p)
+
+    p = add("exec", "run a command on the selected nodes; output grouped per node")
+    _selection_options(p)
+    _ssh_options(p)
+    p.add_argument(
+        "-p", "--parallel", type=int, default=0, metavar="N", help="hosts at once (default 0: all)"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="timeout of the command on each host (default 600)",
+    )
+    p.add_argument(
+        "command_argv",
+        nargs=argparse.REMAINDER,
+        metavar="-- COMMAND...",
+        help="the command and its arguments, after --",
+    )
+
+    p = add("apply-local", "build and activate a node on the machine Waggle runs on")
+    p.add_argument(
+        "goal",
+        nargs="?",
+        choices=GOALS,
+        default="switch",
+        help="switch (default), boot, test, dry-activate, build, upload-keys",
+    )
+    p.add_argument("--node", help="the node to deploy (default: this machine's hostname)")
+    p.add_argument(
+        "--sudo",
+        action="store_true",
+        help="run privileged commands through deployment.privilegeEscalationCommand",
+    )
+    p.add_argument("--no-keys", action="store_true", help="do not upload deployment.keys")
+    p.add_argument("--activation-timeout", type=float, default=600.0, metavar="SECONDS")
     _eval_options(p)
     _build_options(p)
 
@@ -296,42 +430,221 @@ def _print_results(results: Sequence[NodeResult]) -> None:
     )
 
 
-async def cmd_build(ns: argparse.Namespace, *, goal: str = "build") -> int:
-    eval_settings = _eval_settings(ns)
+async def _hive_for_run(ns: argparse.Namespace, goal: Goal) -> tuple[Hive, Selection]:
     hive = await _open_hive(ns)
     meta = await hive.meta()
-    if goal in DEPLOYING_GOALS and ns.on is None and not meta.allow_apply_all:
+    if goal is not Goal.BUILD and ns.on is None and not meta.allow_apply_all:
         raise UsageError(
             "no node filter: meta.allowApplyAll is false in this hive, so deploying needs --on"
         )
-    if goal != "build":
-        raise UsageError(f"apply {goal}: deploying to hosts is not built yet; use 'waggle build'")
     hive = hive.with_flags(replace(hive.flags, machines_file=meta.machines_file))
-    selection = await _select(hive, ns.on)
+    return hive, await _select(hive, ns.on)
+
+
+def _build_settings(ns: argparse.Namespace, hive: Hive) -> BuildSettings:
     gc_dir = None
-    if ns.keep_result:
+    if getattr(ns, "keep_result", False):
         gc_dir = (hive.source.directory or Path.cwd()) / ".gcroots"
-    build_settings = BuildSettings(
-        jobs=max(1, ns.build_jobs), timeout=ns.build_timeout, gc_root_dir=gc_dir
-    )
-    budget = MemoryBudget.measure(eval_settings.memory)
+    return BuildSettings(jobs=max(1, ns.build_jobs), timeout=ns.build_timeout, gc_root_dir=gc_dir)
+
+
+def _log_evaluation(run: EvalRun) -> None:
+    sizes = [len(c.names) for c in run.chunks]
     log.info(
-        "evaluating %d node(s); memory budget %.1f GiB", len(selection.names), budget.budget / 2**30
-    )
-    run = await evaluate_and_build(hive, selection.names, eval_settings, build_settings)
-    sizes = [len(c.names) for c in run.evaluation.chunks]
-    log.info(
-        "evaluation: %d process(es), chunk sizes %s, peak %.0f MiB",
+        "evaluation: %d process(es), chunk sizes %s, peak %.0f MiB of a %.1f GiB budget",
         len(sizes),
         sizes,
-        run.evaluation.peak_rss_total / 2**20,
+        run.peak_rss_total / 2**20,
+        run.budget.budget / 2**30,
     )
+
+
+async def cmd_build(ns: argparse.Namespace) -> int:
+    eval_settings = _eval_settings(ns)
+    hive, selection = await _hive_for_run(ns, Goal.BUILD)
+    run = await evaluate_and_build(hive, selection.names, eval_settings, _build_settings(ns, hive))
+    _log_evaluation(run.evaluation)
     _print_results(run.nodes)
     return EXIT_OK if all(r.ok for r in run.nodes) else EXIT_NODES_FAILED
 
 
-async def cmd_apply(ns: argparse.Namespace) -> int:
-    return await cmd_build(ns, goal=ns.goal)
+def _ssh_settings(ns: argparse.Namespace) -> SshSettings:
+    files = ns.ssh_config or (
+        [os.environ["SSH_CONFIG_FILE"]] if os.environ.get("SSH_CONFIG_FILE") else None
+    )
+    for f in files or ():
+        if not Path(f).is_file():
+            raise UsageError(f"--ssh-config {f}: no such file")
+    if ns.connect_timeout <= 0:
+        raise UsageError("--connect-timeout must be more than zero")
+    return SshSettings(
+        config_files=tuple(files) if files is not None else None,
+        connect_timeout=ns.connect_timeout,
+    )
+
+
+def _deploy_settings(ns: argparse.Namespace, goal: Goal, hive: Hive) -> DeploySettings:
+    if ns.no_keys and goal is Goal.UPLOAD_KEYS:
+        raise UsageError("--no-keys contradicts the upload-keys goal")
+    if ns.parallel < 0:
+        raise UsageError("--parallel must not be negative")
+    for flag in ("push_timeout", "activation_timeout", "reboot_timeout"):
+        if getattr(ns, flag) <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be more than zero")
+    return DeploySettings(
+        goal=goal,
+        parallel=ns.parallel,
+        push_timeout=ns.push_timeout,
+        activation_timeout=ns.activation_timeout,
+        reboot=ns.reboot,
+        reboot_timeout=ns.reboot_timeout,
+        keys=not ns.no_keys,
+        substitute=not ns.no_substitute,
+        force=ns.force,
+        force_replace_unknown_profiles=ns.force_replace_unknown_profiles,
+        build_on_target=ns.build_on_target,
+        ssh=_ssh_settings(ns),
+        base_dir=hive.source.directory,
+    )
+
+
+def _progress(node: str, message: str) -> None:
+    if message:
+        print(f"{node} | {message}", file=sys.stderr, flush=True)
+
+
+def _print_deploy(results: Sequence[NodeResult]) -> None:
+    """One line per node on stdout: node, outcome, last message."""
+    for r in results:
+        f = r.failure
+        if f is not None:
+            print(f"{r.name}\tfailed\t{f.stage}: {f.message}", flush=True)
+            for line in f.detail.strip().splitlines()[-20:]:
+                print(f"{r.name} | {line}", file=sys.stderr)
+            continue
+        skipped = next((st for st in r.stages if st.status is Status.SKIPPED), None)
+        if skipped is not None:
+            print(f"{r.name}\t{skipped.message or 'skipped'}\t{r.out_path or ''}", flush=True)
+            continue
+        main = next(
+            (st for st in reversed(r.stages) if st.stage in (Stage.ACTIVATE, Stage.CONFIRM)),
+            r.stages[-1] if r.stages else None,
+        )
+        print(f"{r.name}\tok\t{main.message if main else ''}", flush=True)
+    failed = sum(1 for r in results if not r.ok)
+    log.warning(
+        "%d of %d nodes ok%s",
+        len(results) - failed,
+        len(results),
+        f", {failed} failed" if failed else "",
+    )
+
+
+async def cmd_apply(ns: argparse.Namespace, *, goal: Goal | None = None) -> int:
+    if goal is None:
+        goal = Goal(ns.goal) if ns.goal else (Goal.BOOT if ns.reboot else Goal.SWITCH)
+    if goal is Goal.BUILD and not ns.build_on_target:
+        return await cmd_build(ns)
+    eval_settings = _eval_settings(ns) if goal is not Goal.UPLOAD_KEYS else EvalSettings()
+    hive, selection = await _hive_for_run(ns, goal)
+    settings = _deploy_settings(ns, goal, hive)
+    build_settings = _build_settings(ns, hive) if goal is not Goal.UPLOAD_KEYS else BuildSettings()
+    run = await deploy(
+        hive,
+        selection.configs,
+        selection.names,
+        eval_settings,
+        build_settings,
+        settings,
+        progress=_progress,
+    )
+    if run.build is not None:
+        _log_evaluation(run.build.evaluation)
+    _print_deploy(run.nodes)
+    return EXIT_OK if all(r.ok for r in run.nodes) else EXIT_NODES_FAILED
+
+
+async def cmd_upload_keys(ns: argparse.Namespace) -> int:
+    return await cmd_apply(ns, goal=Goal.UPLOAD_KEYS)
+
+
+async def cmd_exec(ns: argparse.Namespace) -> int:
+    argv = list(ns.command_argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise UsageError("exec: give the command after --, e.g. waggle exec -- uptime")
+    if ns.parallel < 0:
+        raise UsageError("--parallel must not be negative")
+    hive = await _open_hive(ns)
+    selection = await _select(hive, ns.on)
+    outcomes = await run_everywhere(
+        selection.configs,
+        selection.names,
+        argv,
+        _ssh_settings(ns),
+        parallel=ns.parallel,
+        timeout=ns.timeout,
+    )
+    failed = 0
+    for o in outcomes:
+        print(f"=== {o.node}: {o.status} ===", flush=True)
+        if o.stdout:
+            print(o.stdout.rstrip("\n"), flush=True)
+        if o.stderr:
+            print(o.stderr.rstrip("\n"), file=sys.stderr, flush=True)
+        failed += not o.ok
+    if failed:
+        log.warning("exec failed on %d of %d nodes", failed, len(outcomes))
+    return EXIT_NODES_FAILED if failed else EXIT_OK
+
+
+async def cmd_apply_local(ns: argparse.Namespace) -> int:
+    goal = Goal(ns.goal)
+    node = ns.node or socket.gethostname()
+    hive = await _open_hive(ns)
+    names = await hive.node_names()
+    if node not in names:
+        raise UsageError(
+            f"apply-local: this machine's node {node!r} is not in the hive (use --node NAME)"
+        )
+    config = (await hive.deployment([node]))[node]
+    if not config.allow_local_deployment:
+        raise UsageError(f"apply-local: node {node} does not set deployment.allowLocalDeployment")
+    if goal.activates and not _is_nixos():
+        raise UsageError("apply-local: this machine is not NixOS (/etc/os-release has no ID=nixos)")
+    meta = await hive.meta()
+    hive = hive.with_flags(replace(hive.flags, machines_file=meta.machines_file))
+    settings = DeploySettings(
+        goal=goal,
+        activation_timeout=ns.activation_timeout,
+        keys=not ns.no_keys,
+        build_on_target=False,
+        base_dir=hive.source.directory,
+    )
+    escalation = config.privilege_escalation_command if ns.sudo else ()
+    if not ns.sudo and os.geteuid() != 0:
+        log.warning("apply-local runs as a non-root user without --sudo; activation may fail")
+    run = await deploy(
+        hive,
+        {node: config},
+        [node],
+        _eval_settings(ns),
+        _build_settings(ns, hive),
+        settings,
+        host_factory=lambda c: LocalHost(c.name, tuple(escalation)),
+        progress=_progress,
+    )
+    _print_deploy(run.nodes)
+    return EXIT_OK if all(r.ok for r in run.nodes) else EXIT_NODES_FAILED
+
+
+def _is_nixos(os_release: Path = Path("/etc/os-release")) -> bool:
+    try:
+        lines = os_release.read_text().splitlines()
+    except OSError:
+        return False
+    return any(line.strip() in ("ID=nixos", 'ID="nixos"') for line in lines)
 
 
 async def cmd_eval(ns: argparse.Namespace) -> int:
@@ -436,6 +749,9 @@ async def cmd_nix_info(_ns: argparse.Namespace) -> int:
 COMMANDS = {
     "build": cmd_build,
     "apply": cmd_apply,
+    "upload-keys": cmd_upload_keys,
+    "exec": cmd_exec,
+    "apply-local": cmd_apply_local,
     "eval": cmd_eval,
     "introspect": cmd_eval,
     "nodes": cmd_nodes,

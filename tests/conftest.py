@@ -35,3 +35,10 @@ def _nix_available() -> None:
         if os.environ.get("CI") == "true":
             pytest.fail("nix is not installed; scripts/setup.sh installs it")
         pytest.skip("nix is not installed")
+
+
+def needs_fleet() -> list[pytest.MarkDecorator]:
+    """Marks for modules using the real fleet: root needed; under CI=true never skipped."""
+    if os.environ.get("CI") == "true":
+        return []
+    return [pytest.mark.skipif(os.geteuid() != 0, reason="the test fleet needs root")]

@@ -13,7 +13,15 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from runner.errors import WaggleError
+
 LineCallback = Callable[[str], None]
+
+
+class HostError(WaggleError):
+    """A step on a host failed; the node fails, the run goes on (exit 1)."""
+
+    exit_code = 1
 
 
 @dataclass(frozen=True)

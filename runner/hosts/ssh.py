@@ -23,7 +23,7 @@ from typing import Any
 import asyncssh
 
 from runner.errors import WaggleError
-from runner.hosts import LineCallback, RemoteResult, command_line
+from runner.hosts import HostError, LineCallback, RemoteResult, command_line
 
 # Options of `ssh` that map onto ssh_config keywords asyncssh understands.
 _FLAG_KEYWORDS = {"-p": "Port", "-l": "User", "-i": "IdentityFile", "-J": "ProxyJump"}
@@ -353,9 +353,7 @@ class SshHost:
             ) from e
 
 
-class HostUnreachableError(WaggleError):
-    exit_code = 1
-
+class HostUnreachableError(HostError):
     def __init__(self, target: SshTarget, cause: BaseException) -> None:
         reason = str(cause) or type(cause).__name__
         if isinstance(cause, TimeoutError):
@@ -363,9 +361,7 @@ class HostUnreachableError(WaggleError):
         super().__init__(f"cannot connect to {target.describe()}: {reason}")
 
 
-class RemoteError(WaggleError):
-    exit_code = 1
-
+class RemoteError(HostError):
     def __init__(self, target: SshTarget, message: str) -> None:
         super().__init__(f"{target.describe()}: {message}")
 

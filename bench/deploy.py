@@ -1,0 +1,162 @@
+"""Benchmark: deploying to 1, 4, 16 and 32 local fleet hosts.
+
+For each fleet size N (fresh hosts, empty stores each time) it times:
+- `waggle apply switch --parallel N` (all hosts at once),
+- `waggle apply switch --parallel 1` (one after another),
+- a no-op re-deploy (must send zero paths and activate nothing),
+- the floor: a minimal script running the same commands with perfect
+  parallelism (one nix-instantiate for all nodes, then per host in parallel:
+  nix-store --export | ssh nix-store --import, ssh nix-env --set, ssh
+  switch-to-configuration), with OpenSSH.
+and prints wall times and the ratios. Needs root (the fleet).
+
+    .venv/bin/python bench/deploy.py [--sizes 1,4,16,32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.fleet import Fleet, free_first_octet
+
+STANDIN = ROOT / "tests" / "fixtures" / "nixpkgs"
+HIVE = """
+let pkgs = import {standin} {{ }}; in
+{{
+  meta.nixpkgs = pkgs;
+  defaults = {{ name, pkgs, ... }}: {{
+    networking.hostName = name;
+    environment.systemPackages = [ pkgs.hello pkgs.curl pkgs.jq ];
+    environment.etc.motd.text = "bench ${{name}}\\n";
+  }};
+}} // builtins.listToAttrs (map (i: {{ name = "host${{toString i}}"; value = {{ }}; }}) (builtins.genList (i: i + 1) {count}))
+"""
+WAGGLE = [sys.executable, "-m", "runner"]
+
+
+def timed(argv: list[str], cwd: Path) -> tuple[float, subprocess.CompletedProcess[str]]:
+    start = time.monotonic()
+    done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+    seconds = time.monotonic() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{argv} failed:\n{done.stdout}\n{done.stderr}")
+    return seconds, done
+
+
+def floor(hive: Path, fleet: Fleet) -> float:
+    """The same work by the simplest possible script, all hosts in parallel."""
+    start = time.monotonic()
+    expr = (
+        f"let q = import {ROOT}/runner/hive/nix/query.nix "
+        f"(import {ROOT}/runner/hive/nix/eval.nix {{ rawHive = import {hive}; }}); "
+        "in q.evalChunk q.nodeNames"
+    )
+    out = subprocess.run(
+        ["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", "-E", expr],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    import json
+
+    systems = {n: v["out"] for n, v in json.loads(out.stdout).items()}
+    subprocess.run(
+        ["nix-store", "--realise", *[json.loads(out.stdout)[n]["drv"] for n in systems]],
+        capture_output=True,
+        check=True,
+    )
+    cfg = str(fleet.ssh_config)
+
+    def one(name: str) -> None:
+        p = systems[name]
+        closure = subprocess.run(
+            ["nix-store", "-qR", p], capture_output=True, text=True, check=True
+        ).stdout.split()
+        export = subprocess.Popen(["nix-store", "--export", *closure], stdout=subprocess.PIPE)
+        subprocess.run(
+            ["ssh", "-F", cfg, name, "nix-store", "--import"],
+            stdin=export.stdout,
+            capture_output=True,
+            check=True,
+        )
+        export.wait()
+        subprocess.run(
+            ["ssh", "-F", cfg, name, "nix-env", "-p", "/nix/var/nix/profiles/system", "--set", p],
+            capture_output=True,
+            check=True,
+        )
+        subprocess.run(
+            ["ssh", "-F", cfg, name, f"{p}/bin/switch-to-configuration", "switch"],
+            capture_output=True,
+            check=True,
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(len(systems)) as pool:
+        list(pool.map(one, systems))
+    return time.monotonic() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="1,4,16,32")
+    args = parser.parse_args()
+    os.environ.setdefault("NIX_CONFIG", "substituters =")
+    print(f"machine: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (int(s) for s in args.sizes.split(",")):
+            hive_dir = Path(tmp) / f"hive{n}"
+            hive_dir.mkdir()
+            hive = hive_dir / "hive.nix"
+            hive.write_text(HIVE.format(standin=STANDIN, count=n))
+            timed([*WAGGLE, "build"], hive_dir)  # systems built once, outside the timings
+            result = {}
+            for label, extra in (
+                ("parallel", ["--parallel", str(n)]),
+                ("serial", ["--parallel", "1"]),
+            ):
+                with Fleet.start(
+                    Path(tmp) / f"fleet-{n}-{label}",
+                    n,
+                    first_octet=free_first_octet(n),
+                    etc="overlay",
+                ) as fleet:
+                    cfg = ["--ssh-config", str(fleet.ssh_config), "--no-substitute"]
+                    result[label], _ = timed([*WAGGLE, "apply", "switch", *cfg, *extra], hive_dir)
+                    if label == "parallel":
+                        result["noop"], done = timed(
+                            [*WAGGLE, "apply", "switch", *cfg, *extra], hive_dir
+                        )
+                        lines = [line for line in done.stdout.splitlines() if line.strip()]
+                        assert all("\tunchanged\t" in line for line in lines), done.stdout
+                        assert done.stderr.count("nothing to copy") == n, done.stderr
+            with Fleet.start(
+                Path(tmp) / f"fleet-{n}-floor", n, first_octet=free_first_octet(n), etc="overlay"
+            ) as fleet:
+                result["floor"] = floor(hive, fleet)
+            rows.append((n, result))
+    one_host = rows[0][1]["parallel"] if rows and rows[0][0] == 1 else None
+    print(
+        f"{'hosts':>5} {'parallel s':>10} {'serial s':>9} {'no-op s':>8} {'floor s':>8} {'vs floor':>9} {'vs 1 host':>9}"
+    )
+    for n, r in rows:
+        vs_one = f"{r['parallel'] / one_host:.2f}x" if one_host else "-"
+        print(
+            f"{n:>5} {r['parallel']:>10.2f} {r['serial']:>9.2f} {r['noop']:>8.2f} {r['floor']:>8.2f} "
+            f"{r['parallel'] / r['floor']:>8.2f}x {vs_one:>9}"
+        )
+
+
+if __name__ == "__main__":
+    main()

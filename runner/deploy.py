@@ -1,0 +1,373 @@
+"""The per-node deployment pipeline and the run-wide limits.
+
+select -> evaluate (in a chunk) -> build (or build on target) -> connect ->
+push closure -> pre-activation keys -> set profile + activate (detached) ->
+reboot -> post-activation keys -> result.
+
+Nodes never wait on each other except through the explicit limits: the
+evaluation memory budget, `--build-jobs`, and `--parallel` (one permit per
+node for connect, push and activation, as Colmena's apply semaphore).
+Every remote step has a timeout; a failing node ends only its own pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+
+from typing_extensions import override
+
+from runner import activation, keys
+from runner.build import BuildRun, BuildSettings, evaluate_and_build
+from runner.errors import WaggleError
+from runner.evaluate import EvalSettings
+from runner.hive.hive import Hive
+from runner.hive.model import NodeConfig
+from runner.hosts import Host
+from runner.hosts.ssh import SshHost, SshSettings, SshTarget
+from runner.push import push_closure
+from runner.results import NodeResult, Stage, StageResult, Status
+
+
+class Goal(Enum):
+    BUILD = "build"
+    PUSH = "push"
+    SWITCH = "switch"
+    BOOT = "boot"
+    TEST = "test"
+    DRY_ACTIVATE = "dry-activate"
+    UPLOAD_KEYS = "upload-keys"
+
+    @override
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def sets_profile(self) -> bool:
+        return self in (Goal.SWITCH, Goal.BOOT)
+
+    @property
+    def activates(self) -> bool:
+        return self in (Goal.SWITCH, Goal.BOOT, Goal.TEST, Goal.DRY_ACTIVATE)
+
+    @property
+    def needs_host(self) -> bool:
+        return self is not Goal.BUILD
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    goal: Goal = Goal.SWITCH
+    parallel: int = 10  # 0: unlimited
+    push_timeout: float = 3600.0
+    activation_timeout: float = 600.0
+    reboot: bool = False
+    reboot_timeout: float = 600.0
+    keys: bool = True
+    key_timeout: float = 120.0
+    substitute: bool = True
+    force: bool = False  # activate even when the host already runs the system
+    force_replace_unknown_profiles: bool = False
+    build_on_target: bool | None = None  # None: per node, from deployment.buildOnTarget
+    ssh: SshSettings = field(default_factory=SshSettings)
+    base_dir: Path | None = None  # where relative keyFile paths are read from
+
+
+HostFactory = Callable[[NodeConfig], Host]
+Progress = Callable[[str, str], None]  # (node, message)
+
+
+def ssh_host_for(config: NodeConfig, settings: SshSettings) -> SshHost:
+    assert config.target_host is not None
+    return SshHost(
+        SshTarget(
+            node=config.name,
+            host=config.target_host,
+            port=config.target_port,
+            user=config.target_user,
+            ssh_options=config.ssh_options,
+            escalation=config.privilege_escalation_command,
+        ),
+        settings,
+    )
+
+
+class _StageFailedError(Exception):
+    def __init__(self, stage: StageResult) -> None:
+        self.stage = stage
+
+
+@dataclass
+class _Pipeline:
+    """One node's way from a built system to an activated host."""
+
+    config: NodeConfig
+    settings: DeploySettings
+    host: Host
+    progress: Progress
+    stages: list[StageResult] = field(default_factory=list)
+
+    async def stage(
+        self, stage: Stage, work: Callable[[], Awaitable[str]], *, skipped: str | None = None
+    ) -> str:
+        started_at, start = time.time(), time.monotonic()
+        if skipped is not None:
+            self.stages.append(
+                StageResult(stage, Status.SKIPPED, 0.0, skipped, started_at=started_at)
+            )
+            return skipped
+        self.progress(self.config.name, f"{stage}...")
+        try:
+            message = await work()
+        except WaggleError as e:
+            failed = StageResult(
+                stage, Status.FAILED, time.monotonic() - start, e.message, e.detail, started_at
+            )
+            self.stages.append(failed)
+            self.progress(self.config.name, f"{stage} failed: {e.message}")
+            raise _StageFailedError(failed) from e
+        self.stages.append(
+            StageResult(stage, Status.OK, time.monotonic() - start, message, started_at=started_at)
+        )
+        self.progress(self.config.name, message)
+        return message
+
+
+class StepError(WaggleError):
+    exit_code = 1
+
+
+async def _deploy_node(
+    built: NodeResult,
+    config: NodeConfig,
+    settings: DeploySettings,
+    host: Host,
+    permits: asyncio.Semaphore,
+    progress: Progress,
+) -> NodeResult:
+    goal = settings.goal
+    p = _Pipeline(config, settings, host, progress)
+    toplevel = built.out_path
+    build_on_target = (
+        settings.build_on_target if settings.build_on_target is not None else config.build_on_target
+    )
+    try:
+        async with permits:
+            if build_on_target and goal is not Goal.UPLOAD_KEYS:
+                assert built.drv_path is not None
+
+                async def build_remote() -> str:
+                    pushed = await push_closure(
+                        host, built.drv_path or "", substitute=True, timeout=settings.push_timeout
+                    )
+                    done = await host.run(
+                        ["nix-store", "--no-gc-warning", "--realise", built.drv_path or ""],
+                        timeout=settings.push_timeout,
+                    )
+                    if not done.ok:
+                        raise StepError(
+                            f"build on {host.name} failed: {done.describe()}", detail=done.stderr
+                        )
+                    return f"built on target ({pushed.describe()})"
+
+                await p.stage(Stage.BUILD, build_remote)
+            elif goal is not Goal.UPLOAD_KEYS:
+
+                async def push() -> str:
+                    assert toplevel is not None
+                    result = await push_closure(
+                        host,
+                        toplevel,
+                        substitute=settings.substitute,
+                        timeout=settings.push_timeout,
+                    )
+                    return result.describe()
+
+                await p.stage(Stage.PUSH, push)
+            if goal in (Goal.BUILD, Goal.PUSH):
+                return _result(built, p.stages)
+
+            if goal is Goal.UPLOAD_KEYS:
+                await p.stage(Stage.KEYS, lambda: _keys(host, config, settings, "all", True))
+                return _result(built, p.stages)
+
+            assert toplevel is not None
+            if settings.keys:
+                await p.stage(
+                    Stage.KEYS, lambda: _keys(host, config, settings, "pre-activation", False)
+                )
+            current = await activation.current_system(host)
+            if (
+                not config.replace_unknown_profiles
+                and not settings.force_replace_unknown_profiles
+                and current.profile is not None
+                and not os.path.exists(current.profile)
+            ):
+                failed = StageResult(
+                    Stage.ACTIVATE,
+                    Status.FAILED,
+                    0.0,
+                    f"unknown active profile {current.profile} (replaceUnknownProfiles is false; "
+                    "--force-replace-unknown-profiles overrides)",
+                    started_at=time.time(),
+                )
+                p.stages.append(failed)
+                return _result(built, p.stages)
+            unchanged = _unchanged(goal, toplevel, current)
+            if unchanged and not settings.force and not settings.reboot:
+                await p.stage(Stage.ACTIVATE, _nothing, skipped="unchanged")
+            else:
+
+                async def activate() -> str:
+                    assert toplevel is not None
+                    result = await activation.activate(
+                        host,
+                        toplevel,
+                        str(goal),
+                        set_profile=goal.sets_profile,
+                        timeout=settings.activation_timeout,
+                        on_line=lambda line: progress(config.name, line),
+                    )
+                    if not result.ok:
+                        raise StepError(result.message, detail=result.log_tail)
+                    return result.message
+
+                await p.stage(Stage.ACTIVATE, activate)
+                if settings.reboot:
+
+                    async def reboot() -> str:
+                        result = await activation.reboot_and_wait(
+                            host,
+                            timeout=settings.reboot_timeout,
+                            expect_toplevel=toplevel if goal.sets_profile else None,
+                        )
+                        if not result.ok:
+                            raise StepError(result.message)
+                        return result.message
+
+                    await p.stage(Stage.CONFIRM, reboot)
+            if settings.keys:
+                await p.stage(
+                    Stage.KEYS, lambda: _keys(host, config, settings, "post-activation", True)
+                )
+    except _StageFailedError:
+        pass
+    return _result(built, p.stages)
+
+
+async def _nothing() -> str:
+    return ""
+
+
+def _unchanged(goal: Goal, toplevel: str, current: activation.CurrentSystem) -> bool:
+    running = current.current == toplevel
+    booting = current.profile == toplevel
+    if goal is Goal.SWITCH:
+        return running and booting
+    if goal is Goal.BOOT:
+        return booting
+    if goal is Goal.TEST:
+        return running
+    return False  # dry-activate always runs: it only reports
+
+
+async def _keys(
+    host: Host, config: NodeConfig, settings: DeploySettings, phase: keys.Phase, require: bool
+) -> str:
+    outcome = await keys.upload_keys(
+        host,
+        config.keys,
+        phase=phase,
+        require_ownership=require,
+        base_dir=settings.base_dir,
+        timeout=settings.key_timeout,
+    )
+    return outcome.message
+
+
+def _result(built: NodeResult, stages: Sequence[StageResult]) -> NodeResult:
+    return replace(built, stages=(*built.stages, *stages))
+
+
+@dataclass(frozen=True)
+class DeployRun:
+    nodes: tuple[NodeResult, ...]
+    build: BuildRun | None
+
+
+async def deploy(
+    hive: Hive,
+    configs: Mapping[str, NodeConfig],
+    names: Sequence[str],
+    eval_settings: EvalSettings,
+    build_settings: BuildSettings,
+    settings: DeploySettings,
+    *,
+    host_factory: HostFactory | None = None,
+    progress: Progress | None = None,
+) -> DeployRun:
+    """Run `settings.goal` for the selected nodes; results in `names` order."""
+    say: Progress = progress or (lambda _node, _msg: None)
+    make_host = host_factory or (lambda c: ssh_host_for(c, settings.ssh))
+    limit = settings.parallel if settings.parallel > 0 else max(1, len(names))
+    permits = asyncio.Semaphore(limit)
+    hosts: dict[str, Host] = {}
+    skipped: list[NodeResult] = []
+    reachable = list(names)
+    if settings.goal.needs_host:
+        reachable = [n for n in names if configs[n].target_host is not None]
+        for n in names:
+            if configs[n].target_host is None:
+                skipped.append(
+                    NodeResult(
+                        n,
+                        (
+                            StageResult(
+                                Stage.PUSH,
+                                Status.SKIPPED,
+                                0.0,
+                                "no targetHost",
+                                started_at=time.time(),
+                            ),
+                        ),
+                    )
+                )
+        hosts = {n: make_host(configs[n]) for n in reachable}
+
+    async def then(built: NodeResult) -> NodeResult:
+        if not settings.goal.needs_host:
+            return built
+        return await _deploy_node(
+            built, configs[built.name], settings, hosts[built.name], permits, say
+        )
+
+    try:
+        if settings.goal is Goal.UPLOAD_KEYS:
+            results = await asyncio.gather(*(then(NodeResult(n, ())) for n in reachable))
+            run = None
+        else:
+            on_target = {
+                n
+                for n in reachable
+                if (
+                    settings.build_on_target
+                    if settings.build_on_target is not None
+                    else configs[n].build_on_target
+                )
+            }
+            run = await evaluate_and_build(
+                hive, reachable, eval_settings, build_settings, build_elsewhere=on_target, then=then
+            )
+            results = list(run.nodes)
+    finally:
+        for host in hosts.values():
+            with contextlib.suppress(Exception):
+                await host.close()
+    by_name = {r.name: r for r in [*results, *skipped]}
+    return DeployRun(tuple(by_name[n] for n in names), run)
