@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shlex
 import tempfile
@@ -24,6 +25,8 @@ import asyncssh
 
 from runner.errors import WaggleError
 from runner.hosts import HostError, LineCallback, RemoteResult, command_line
+
+log = logging.getLogger("waggle")
 
 # Options of `ssh` that map onto ssh_config keywords asyncssh understands.
 _FLAG_KEYWORDS = {"-p": "Port", "-l": "User", "-i": "IdentityFile", "-J": "ProxyJump"}
@@ -171,6 +174,12 @@ class SshHost:
 
     def _config(self) -> list[str] | tuple[()]:
         lines, self.ignored_options = translate_ssh_options(self.target.ssh_options)
+        if self.ignored_options:
+            log.warning(
+                "node %s: deployment.sshOptions ignored: %s",
+                self.target.node,
+                " ".join(self.ignored_options),
+            )
         user_files = list(self.settings.config_files or ())
         if self.settings.config_files is None:
             default = Path.home() / ".ssh" / "config"
