@@ -132,7 +132,7 @@ DETACH_SCRIPT = 'log=$1; shift; exec setsid -f "$@" </dev/null >>"$log" 2>&1'
 # may be slow to reap an orphan, and `kill -0` succeeds on zombies).
 _RUNNING = """\
 running() {
-  s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  read -r s < "/proc/$1/stat" 2>/dev/null || return 1
   s=${s##*) }
   [ "${s%% *}" != Z ]
 }
@@ -154,6 +154,9 @@ done
 pid=
 read -r pid < "$dir/pid" 2>/dev/null
 last=
+# Poll quickly at first (most activations are short), then back off to 0.4 s so
+# many hosts' followers do not keep the host busy.
+delay=0.05
 while :; do
   [ -e "$dir/status" ] && last=1
   size=$(wc -c < "$dir/log" 2>/dev/null) || { size=$off; last=1; }
@@ -163,7 +166,8 @@ while :; do
   fi
   [ -n "$last" ] && break
   if ! running "$pid"; then last=1; continue; fi
-  sleep 0.1
+  sleep "$delay"
+  case $delay in 0.05) delay=0.1 ;; 0.1) delay=0.2 ;; *) delay=0.4 ;; esac
 done | LC_ALL=C grep -a -b --line-buffered ''
 if [ -e "$dir/status" ]; then echo "status:$(cat "$dir/status")"; else echo status:none; fi
 """

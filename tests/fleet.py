@@ -191,12 +191,7 @@ class TestHost:
 
     def accepts(self, timeout: float = 0.5) -> bool:
         """Whether sshd answers on the host's address with an SSH banner right now."""
-        try:
-            with socket.create_connection((self.address, SSH_PORT), timeout=timeout) as sock:
-                sock.settimeout(timeout)
-                return sock.recv(64).startswith(b"SSH-")
-        except OSError:
-            return False
+        return _banner(self.address, SSH_PORT, timeout)
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -284,6 +279,84 @@ class Fleet:
         """Seconds until sshd is back after `reboot` on host `name`; None: never comes back."""
         text = "never" if seconds is None else f"{float(seconds)}"
         (self.host(name).root / "reboot-delay").write_text(text + "\n")
+
+    # -- changing a host --------------------------------------------------------------------
+    def configure_sshd(self, name: str, *lines: str) -> TestHost:
+        """Append `lines` to host `name`'s sshd_config and restart the host (`start_host`).
+
+        The host keeps its directories (/run too); its sessions are ended. Later simulated
+        reboots start sshd with the changed config as well.
+        """
+        config = self.host(name).root / "sshd_config"
+        with config.open("a") as f:
+            f.write("".join(f"{line}\n" for line in lines))
+        return self.start_host(name)
+
+    def listen_also(self, name: str, address: str, port: int) -> None:
+        """Host `name`'s sshd also listens on loopback `address`:`port` (e.g. "::1", 2222).
+
+        known_hosts gets the host's key under `[address]:port` (or `address` for port 22),
+        as OpenSSH and asyncssh look it up. Restarts the host (`configure_sshd`).
+        """
+        ip = ipaddress.ip_address(address)
+        if not ip.is_loopback:
+            raise ValueError(f"{address} is not a loopback address")
+        if not 1 <= port <= 65535:
+            raise ValueError(f"bad port {port}")
+        host = self.host(name)
+        key = " ".join((host.root / "ssh_host_ed25519_key.pub").read_text().split()[:2])
+        pattern = address if port == SSH_PORT else f"[{address}]:{port}"
+        with self.known_hosts.open("a") as f:
+            f.write(f"{pattern} {key}\n")
+        listen = f"[{address}]:{port}" if ip.version == 6 else f"{address}:{port}"
+        self.configure_sshd(name, f"ListenAddress {listen}")
+        _poll(
+            lambda: _banner(address, port, 0.2),
+            START_TIMEOUT,
+            f"{name} did not accept SSH on {listen}",
+        )
+
+    def add_user(self, name: str, user: str, *, sudo: bool) -> None:
+        """Create login user `user` on host `name`; the fleet's client key logs in as it.
+
+        The user lives in the host's own /etc (home "/", nothing created on this machine);
+        its authorized key is the host's /etc/ssh/authorized_keys.d/<user> (sshd's second
+        AuthorizedKeysFile, readable by the user whatever the fleet directory's mode). With
+        `sudo`: passwordless sudo for everything (/etc/sudoers.d/<user>), each command logged
+        to the host's /run/sudo.log, and the host's name in its /etc/hosts (sudo resolves it;
+        it must never ask a DNS server). Idempotent.
+        """
+        if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,30}", user) or user == "root":
+            raise ValueError(f"bad user name {user!r}")
+        host = self.host(name)
+        q = shlex.quote
+        key = self.authorized_keys.read_text()
+        lines = [
+            "set -e",
+            f"id -u {q(user)} >/dev/null 2>&1 || useradd -M -d / -s /bin/sh -p '*' {q(user)}",
+            "mkdir -p /etc/ssh/authorized_keys.d",
+            "chmod 0755 /etc/ssh/authorized_keys.d",
+            f"cat > /etc/ssh/authorized_keys.d/{q(user)}",
+            f"chmod 0644 /etc/ssh/authorized_keys.d/{q(user)}",
+        ]
+        if sudo:
+            rules = (
+                f"{user} ALL=(ALL:ALL) NOPASSWD: ALL\n"
+                f"Defaults:{user} logfile=/run/sudo.log, loglinelen=0\n"
+            )
+            lines += [
+                f"printf %s {q(rules)} > /etc/sudoers.d/{q(user)}",
+                f"chmod 0440 /etc/sudoers.d/{q(user)}",
+                f"visudo -c -q -f /etc/sudoers.d/{q(user)}",
+                f"grep -qw -- {q(host.name)} /etc/hosts"
+                f" || echo {q(f'127.0.0.1 {host.name}')} >> /etc/hosts",
+            ]
+        done = self.run(name, "\n".join(lines), stdin=key.encode())
+        if done.returncode != 0:
+            raise FleetError(
+                f"adding user {user} on {name} failed (exit {done.returncode}):"
+                f" {done.stderr.decode(errors='replace').strip()}"
+            )
 
     # -- running commands (OpenSSH client) ------------------------------------------------
     def ssh_argv(self, name: str, command: str) -> list[str]:
@@ -509,6 +582,16 @@ def processes_in_namespace_of(pid: int) -> list[int]:
 # -- internals ---------------------------------------------------------------------------
 
 
+def _banner(address: str, port: int, timeout: float) -> bool:
+    """Whether an SSH server answers on address:port with its banner right now."""
+    try:
+        with socket.create_connection((address, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            return sock.recv(64).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
 def _address(octet: int) -> str:
     if not 1 <= octet <= 254:
         raise ValueError(f"127.0.0.{octet} is not a usable test host address")
@@ -604,7 +687,7 @@ def _sshd_config(root: Path, address: str, authorized_keys: Path) -> str:
 ListenAddress {address}
 Port {SSH_PORT}
 HostKey {root / "ssh_host_ed25519_key"}
-AuthorizedKeysFile {authorized_keys}
+AuthorizedKeysFile {authorized_keys} /etc/ssh/authorized_keys.d/%u
 PermitRootLogin prohibit-password
 PubkeyAuthentication yes
 PasswordAuthentication no
