@@ -30,7 +30,9 @@ from tests.fleet import Fleet, free_first_octet
 
 SYSTEM = (
     f"(import {ROOT}/tests/fixtures/nixpkgs/nixos/lib/eval-config.nix {{ modules = [ ({{ pkgs, ... }}: {{"
-    ' networking.hostName = "bench"; environment.systemPackages = with pkgs; [ hello curl jq git nginx htop ];'
+    ' networking.hostName = "bench"; environment.systemPackages = with pkgs; [ hello curl jq git nginx htop'
+    # 64 MiB of incompressible data, so bytes matter as well as round trips
+    ' (runCommand "blob-1.0" { } "mkdir -p $out/share; head -c 67108864 /dev/urandom > $out/share/blob") ];'
     " }) ]; }).config.system.build.toplevel"
 )
 
