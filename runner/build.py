@@ -12,6 +12,7 @@ from pathlib import Path
 from runner import nix
 from runner.errors import NixError
 from runner.evaluate import EvalRun, EvalSettings, NodeEval, evaluate
+from runner.events import Emitter, Sink, discard
 from runner.hive.hive import Hive
 from runner.results import NodeResult, Stage, StageResult, Status
 
@@ -79,6 +80,7 @@ async def evaluate_and_build(
     *,
     build_elsewhere: Container[str] = (),
     then: Continuation | None = None,
+    events: Sink | None = None,
 ) -> BuildRun:
     """Evaluate `names` in chunks; build each node as soon as its chunk is done.
 
@@ -87,22 +89,34 @@ async def evaluate_and_build(
     """
     limit = asyncio.Semaphore(max(1, build_settings.jobs if build_settings else 1))
     tasks: list[asyncio.Task[NodeResult]] = []
+    emit = Emitter(events or discard)
+    for name in names:
+        emit.queued(name)
 
     async def build_one(ev: NodeEval) -> NodeResult:
+        eval_stage = _eval_stage(ev)
+        emit.end(ev.name, eval_stage)
         if build_settings is None or ev.name in build_elsewhere or not ev.ok:
-            result = NodeResult(ev.name, (_eval_stage(ev),), ev.drv_path, ev.out_path)
+            result = NodeResult(ev.name, (eval_stage,), ev.drv_path, ev.out_path)
         else:
             async with limit:
+                emit.start(ev.name, Stage.BUILD, "building")
                 result = await build_node(ev, hive, build_settings)
+            emit.end(ev.name, result.stages[-1])
         if then is not None and result.ok:
             result = await then(result)
+        emit.done(result)
         return result
 
     def on_result(ev: NodeEval) -> None:
         tasks.append(asyncio.create_task(build_one(ev)))
 
+    def on_start(chunk: Sequence[str]) -> None:
+        for name in chunk:
+            emit.start(name, Stage.EVAL, f"evaluating ({len(chunk)} in this evaluator)")
+
     try:
-        run = await evaluate(hive, names, eval_settings, on_result)
+        run = await evaluate(hive, names, eval_settings, on_result, on_start)
         results = await asyncio.gather(*tasks)
     finally:
         for t in tasks:

@@ -34,6 +34,7 @@ from runner.errors import (
     WaggleError,
 )
 from runner.evaluate import EvalRun, EvalSettings, MemoryBudget, parse_size
+from runner.events import Event, EventKind
 from runner.exec import run_everywhere
 from runner.hive.discovery import locate
 from runner.hive.hive import Hive, nix_string
@@ -508,9 +509,14 @@ def _deploy_settings(ns: argparse.Namespace, goal: Goal, hive: Hive) -> DeploySe
     )
 
 
-def _progress(node: str, message: str) -> None:
-    if message:
-        print(f"{node} | {message}", file=sys.stderr, flush=True)
+def _progress(event: Event) -> None:
+    if event.kind is EventKind.LOG and event.message:
+        print(f"{event.node} | {event.message}", file=sys.stderr, flush=True)
+    elif event.kind is EventKind.STAGE_END and event.result is not None:
+        r = event.result
+        text = f"{r.stage} failed: {r.message}" if r.status is Status.FAILED else r.message
+        if text:
+            print(f"{event.node} | {text}", file=sys.stderr, flush=True)
 
 
 def _print_deploy(results: Sequence[NodeResult]) -> None:
@@ -556,7 +562,7 @@ async def cmd_apply(ns: argparse.Namespace, *, goal: Goal | None = None) -> int:
         eval_settings,
         build_settings,
         settings,
-        progress=_progress,
+        events=_progress,
     )
     if run.build is not None:
         _log_evaluation(run.build.evaluation)
@@ -633,7 +639,7 @@ async def cmd_apply_local(ns: argparse.Namespace) -> int:
         _build_settings(ns, hive),
         settings,
         host_factory=lambda c: LocalHost(c.name, tuple(escalation)),
-        progress=_progress,
+        events=_progress,
     )
     _print_deploy(run.nodes)
     return EXIT_OK if all(r.ok for r in run.nodes) else EXIT_NODES_FAILED

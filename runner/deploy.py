@@ -27,6 +27,7 @@ from runner import activation, keys
 from runner.build import BuildRun, BuildSettings, evaluate_and_build
 from runner.errors import WaggleError
 from runner.evaluate import EvalSettings
+from runner.events import Emitter, Sink, discard
 from runner.hive.hive import Hive
 from runner.hive.model import NodeConfig
 from runner.hosts import Host
@@ -80,7 +81,6 @@ class DeploySettings:
 
 
 HostFactory = Callable[[NodeConfig], Host]
-Progress = Callable[[str, str], None]  # (node, message)
 
 
 def ssh_host_for(config: NodeConfig, settings: SshSettings) -> SshHost:
@@ -98,6 +98,9 @@ def ssh_host_for(config: NodeConfig, settings: SshSettings) -> SshHost:
     )
 
 
+Facts = tuple[tuple[str, int | float | str], ...]
+
+
 class _StageFailedError(Exception):
     def __init__(self, stage: StageResult) -> None:
         self.stage = stage
@@ -110,32 +113,39 @@ class _Pipeline:
     config: NodeConfig
     settings: DeploySettings
     host: Host
-    progress: Progress
+    emit: Emitter
     stages: list[StageResult] = field(default_factory=list)
 
     async def stage(
-        self, stage: Stage, work: Callable[[], Awaitable[str]], *, skipped: str | None = None
+        self,
+        stage: Stage,
+        work: Callable[[], Awaitable[str | tuple[str, Facts]]],
+        *,
+        skipped: str | None = None,
     ) -> str:
+        node = self.config.name
         started_at, start = time.time(), time.monotonic()
         if skipped is not None:
-            self.stages.append(
-                StageResult(stage, Status.SKIPPED, 0.0, skipped, started_at=started_at)
-            )
+            result = StageResult(stage, Status.SKIPPED, 0.0, skipped, started_at=started_at)
+            self.stages.append(result)
+            self.emit.end(node, result)
             return skipped
-        self.progress(self.config.name, f"{stage}...")
+        self.emit.start(node, stage)
         try:
-            message = await work()
+            outcome = await work()
         except WaggleError as e:
             failed = StageResult(
                 stage, Status.FAILED, time.monotonic() - start, e.message, e.detail, started_at
             )
             self.stages.append(failed)
-            self.progress(self.config.name, f"{stage} failed: {e.message}")
+            self.emit.end(node, failed)
             raise _StageFailedError(failed) from e
-        self.stages.append(
-            StageResult(stage, Status.OK, time.monotonic() - start, message, started_at=started_at)
+        message, facts = outcome if isinstance(outcome, tuple) else (outcome, ())
+        result = StageResult(
+            stage, Status.OK, time.monotonic() - start, message, started_at=started_at, facts=facts
         )
-        self.progress(self.config.name, message)
+        self.stages.append(result)
+        self.emit.end(node, result)
         return message
 
 
@@ -149,10 +159,10 @@ async def _deploy_node(
     settings: DeploySettings,
     host: Host,
     permits: asyncio.Semaphore,
-    progress: Progress,
+    emit: Emitter,
 ) -> NodeResult:
     goal = settings.goal
-    p = _Pipeline(config, settings, host, progress)
+    p = _Pipeline(config, settings, host, emit)
     toplevel = built.out_path
     build_on_target = (
         settings.build_on_target if settings.build_on_target is not None else config.build_on_target
@@ -232,7 +242,7 @@ async def _deploy_node(
                         str(goal),
                         set_profile=goal.sets_profile,
                         timeout=settings.activation_timeout,
-                        on_line=lambda line: progress(config.name, line),
+                        on_line=lambda line: emit.log(config.name, line, Stage.ACTIVATE),
                     )
                     if not result.ok:
                         raise StepError(result.message, detail=result.log_tail)
@@ -310,10 +320,10 @@ async def deploy(
     settings: DeploySettings,
     *,
     host_factory: HostFactory | None = None,
-    progress: Progress | None = None,
+    events: Sink | None = None,
 ) -> DeployRun:
     """Run `settings.goal` for the selected nodes; results in `names` order."""
-    say: Progress = progress or (lambda _node, _msg: None)
+    emit = Emitter(events or discard)
     make_host = host_factory or (lambda c: ssh_host_for(c, settings.ssh))
     limit = settings.parallel if settings.parallel > 0 else max(1, len(names))
     permits = asyncio.Semaphore(limit)
@@ -324,32 +334,32 @@ async def deploy(
         reachable = [n for n in names if configs[n].target_host is not None]
         for n in names:
             if configs[n].target_host is None:
-                skipped.append(
-                    NodeResult(
-                        n,
-                        (
-                            StageResult(
-                                Stage.PUSH,
-                                Status.SKIPPED,
-                                0.0,
-                                "no targetHost",
-                                started_at=time.time(),
-                            ),
-                        ),
-                    )
+                stage = StageResult(
+                    Stage.PUSH, Status.SKIPPED, 0.0, "no targetHost", started_at=time.time()
                 )
+                skipped.append(NodeResult(n, (stage,)))
+                emit.queued(n)
+                emit.end(n, stage)
+                emit.done(skipped[-1])
         hosts = {n: make_host(configs[n]) for n in reachable}
 
     async def then(built: NodeResult) -> NodeResult:
         if not settings.goal.needs_host:
             return built
         return await _deploy_node(
-            built, configs[built.name], settings, hosts[built.name], permits, say
+            built, configs[built.name], settings, hosts[built.name], permits, emit
         )
 
     try:
         if settings.goal is Goal.UPLOAD_KEYS:
-            results = await asyncio.gather(*(then(NodeResult(n, ())) for n in reachable))
+
+            async def keys_only(name: str) -> NodeResult:
+                emit.queued(name)
+                result = await then(NodeResult(name, ()))
+                emit.done(result)
+                return result
+
+            results = await asyncio.gather(*(keys_only(n) for n in reachable))
             run = None
         else:
             on_target = {

@@ -315,6 +315,7 @@ class Planner:
 # -- running -------------------------------------------------------------------
 
 OnResult = Callable[[NodeEval], Awaitable[None] | None]
+OnStart = Callable[[Sequence[str]], None]
 
 
 @dataclass
@@ -325,11 +326,16 @@ class _Chunk:
 
 class Evaluator:
     def __init__(
-        self, hive: Hive, settings: EvalSettings, on_result: OnResult | None = None
+        self,
+        hive: Hive,
+        settings: EvalSettings,
+        on_result: OnResult | None = None,
+        on_start: OnStart | None = None,
     ) -> None:
         self.hive = hive
         self.settings = settings
         self.on_result = on_result
+        self.on_start = on_start
         self.budget = MemoryBudget.measure(settings.memory)
         self.results: dict[str, NodeEval] = {}
         self.stats: list[ChunkStat] = []
@@ -390,6 +396,8 @@ class Evaluator:
             else self.hive.chunk_expr(chunk.names)
         )
         started, started_at = time.monotonic(), time.time()
+        if self.on_start is not None and not chunk.single:
+            self.on_start(chunk.names)
         out = await nix.eval_json(
             expr,
             self.hive.flags,
@@ -460,6 +468,10 @@ class Evaluator:
 
 
 async def evaluate(
-    hive: Hive, names: Sequence[str], settings: EvalSettings, on_result: OnResult | None = None
+    hive: Hive,
+    names: Sequence[str],
+    settings: EvalSettings,
+    on_result: OnResult | None = None,
+    on_start: OnStart | None = None,
 ) -> EvalRun:
-    return await Evaluator(hive, settings, on_result).run(names)
+    return await Evaluator(hive, settings, on_result, on_start).run(names)

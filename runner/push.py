@@ -28,6 +28,13 @@ class PushResult:
     bytes_sent: int
     seconds: float
 
+    def facts(self) -> tuple[tuple[str, int | float | str], ...]:
+        return (
+            ("paths_total", self.paths_total),
+            ("paths_sent", self.paths_sent),
+            ("bytes_sent", self.bytes_sent),
+        )
+
     def describe(self) -> str:
         if not self.paths_sent:
             return f"nothing to copy ({self.paths_total} paths already there)"

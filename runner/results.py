@@ -40,6 +40,11 @@ class StageResult:
     message: str = ""
     detail: str = ""  # e.g. Nix's full error or a log tail
     started_at: float = 0.0  # wall-clock (epoch) seconds when the stage began
+    # Measured facts for reports, e.g. (("paths_sent", 12), ("bytes_sent", 3048576)).
+    facts: tuple[tuple[str, int | float | str], ...] = ()
+
+    def fact(self, name: str) -> int | float | str | None:
+        return dict(self.facts).get(name)
 
 
 @dataclass(frozen=True)
