@@ -61,3 +61,26 @@ class NodeResult:
     @property
     def failure(self) -> StageResult | None:
         return next((s for s in self.stages if s.status is Status.FAILED), None)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """Everything a report shows about one run. Reports are pure functions of this."""
+
+    command: str  # e.g. "apply switch", "build"
+    goal: str  # "build", "push", "switch", ...
+    hive: str  # the hive's path or flake reference
+    commit: str | None  # the git commit of the hive, when known
+    started_at: float  # epoch seconds
+    seconds: float
+    stages: tuple[Stage, ...]  # the stages this goal runs, in order
+    nodes: tuple[NodeResult, ...]  # the selected nodes, in selection order
+    not_selected: tuple[str, ...] = ()  # nodes of the hive left out by --on
+
+    @property
+    def failed(self) -> tuple[NodeResult, ...]:
+        return tuple(n for n in self.nodes if not n.ok)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed

@@ -34,6 +34,14 @@ there is one, waits `reboot-delay` seconds, writes a new boot id and execs sshd 
 the same namespace, so the mounts stay). With "never" it exits instead and the host stays down
 until `Fleet.start_host`. The new sshd's PID is in H/run/sshd.pid (`Fleet.sshd_pid`).
 
+Changing a host after the start: `configure_sshd` (more sshd_config lines, e.g. `LogLevel
+DEBUG1` or `AllowUsers`; restarts the host), `listen_also` (an extra loopback address and port
+such as [::1]:2222, with its known_hosts entry), `add_user` (a non-root login user, optionally
+with passwordless sudo logged to the host's /run/sudo.log; its key goes to the host's own
+/etc/ssh/authorized_keys.d/<user>, sshd's second AuthorizedKeysFile, so the fleet directory
+needs no special mode), `share` (a directory of this machine below a per-host mount, e.g. a
+pyenv Python under /root, made visible inside the host).
+
 Processes of a host are found by namespace, not by remembered PIDs: a process belongs to host
 H when its mount namespace shows H/nix at /nix (`/proc/PID/root/nix` is H/nix).
 """
@@ -316,6 +324,30 @@ class Fleet:
             f"{name} did not accept SSH on {listen}",
         )
 
+    def share(self, name: str, path: str | Path) -> None:
+        """Show this machine's directory `path` at the same place inside host `name`.
+
+        For what a command on the host needs from below the per-host mounts, e.g. a Python
+        installed under /root (pyenv) that a venv on the shared filesystem points at. The
+        host gets a symlink at `path` to this process's view of it, /proc/PID/root/`path`
+        (bind-mounting from another mount namespace does not work here), so it works while this
+        process lives. Refuses when something else already is at `path` on the host.
+        """
+        local = Path(path)
+        if not local.is_absolute() or ".." in local.parts or not local.is_dir():
+            raise ValueError(f"not a normalised absolute path of a directory: {path}")
+        host = self.host(name)
+        link = host.path(PurePosixPath(local))
+        if link == local:
+            return  # not below a per-host mount: the host sees it anyway
+        source = f"/proc/{os.getpid()}/root{local}"
+        if link.is_symlink() and os.readlink(link) == source:
+            return
+        if link.exists() or link.is_symlink():
+            raise FleetError(f"{name} already has {local}; not replacing it")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(source)
+
     def add_user(self, name: str, user: str, *, sudo: bool) -> None:
         """Create login user `user` on host `name`; the fleet's client key logs in as it.
 
@@ -348,8 +380,11 @@ class Fleet:
                 f"printf %s {q(rules)} > /etc/sudoers.d/{q(user)}",
                 f"chmod 0440 /etc/sudoers.d/{q(user)}",
                 f"visudo -c -q -f /etc/sudoers.d/{q(user)}",
-                f"grep -qw -- {q(host.name)} /etc/hosts"
-                f" || echo {q(f'127.0.0.1 {host.name}')} >> /etc/hosts",
+                (
+                    f"awk -v n={q(host.name)} '{{for (i = 2; i <= NF; i++) if ($i == n) f = 1}}"
+                    f" END {{exit !f}}' /etc/hosts"
+                    f" || echo {q(f'127.0.0.1 {host.name}')} >> /etc/hosts"
+                ),
             ]
         done = self.run(name, "\n".join(lines), stdin=key.encode())
         if done.returncode != 0:
