@@ -4,7 +4,7 @@
 {
   meta = {
     name = "example-fleet";
-    description = "Two web servers, a database and a monitor";
+    description = "Three web servers, two databases, a cache, a monitor and a bastion";
     nixpkgs = import ../tests/fixtures/nixpkgs { system = builtins.currentSystem; };
   };
 
@@ -38,6 +38,11 @@
     services.nginx.enable = nodes.web-1.config.services.nginx.enable;
   };
 
+  web-3 = { pkgs, ... }: {
+    deployment.tags = [ "web" ];
+    environment.systemPackages = [ pkgs.nginx ];
+  };
+
   db-1 = { pkgs, ... }: {
     deployment.tags = [ "db" ];
     environment.systemPackages = [ pkgs.curl pkgs.jq ];
@@ -46,6 +51,21 @@
       after = [ "network.target" ];
       serviceConfig.ExecStart = "${pkgs.curl}/bin/curl --version";
     };
+  };
+
+  db-2 = { pkgs, ... }: {
+    deployment.tags = [ "db" ];
+    environment.systemPackages = [ pkgs.curl ];
+  };
+
+  cache-1 = { pkgs, ... }: {
+    deployment.tags = [ "cache" ];
+    services.redis.servers.main.port = 6379;
+  };
+
+  bastion = { pkgs, ... }: {
+    deployment.tags = [ "ops" ];
+    environment.systemPackages = [ pkgs.git ];
   };
 
   monitor = [

@@ -220,3 +220,13 @@ async def closure(path: str, *, timeout: float = 300) -> list[str]:
     if not done.ok:
         raise _failure(f"querying the closure of {path}", done, timeout)
     return done.stdout.split()
+
+
+async def closure_size(paths: Sequence[str], *, timeout: float = 300) -> int:
+    """Sum of the NAR sizes of `paths` (`nix-store --query --size`)."""
+    if not paths:
+        return 0
+    done = await process.run(["nix-store", "--query", "--size", *paths], timeout=timeout)
+    if not done.ok:
+        raise _failure("querying path sizes", done, timeout)
+    return sum(int(n) for n in done.stdout.split())

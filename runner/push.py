@@ -27,12 +27,14 @@ class PushResult:
     paths_sent: int
     bytes_sent: int
     seconds: float
+    closure_bytes: int = 0
 
     def facts(self) -> tuple[tuple[str, int | float | str], ...]:
         return (
             ("paths_total", self.paths_total),
             ("paths_sent", self.paths_sent),
             ("bytes_sent", self.bytes_sent),
+            ("closure_bytes", self.closure_bytes),
         )
 
     def describe(self) -> str:
@@ -67,6 +69,7 @@ async def push_closure(
         return left
 
     closure = await nix.closure(root)
+    closure_bytes = await nix.closure_size(closure)
     missing = await missing_paths(host, closure, timeout=remaining())
     if missing and substitute:
         # Let the host fetch what its own substituters have; failures are fine,
@@ -78,7 +81,7 @@ async def push_closure(
         )
         missing = await missing_paths(host, missing, timeout=remaining())
     if not missing:
-        return PushResult(len(closure), 0, 0, time.monotonic() - start)
+        return PushResult(len(closure), 0, 0, time.monotonic() - start, closure_bytes)
     sent = 0
     async with process.reading(["nix-store", "--export", *missing]) as exporter:
         stdout = exporter.stdout
@@ -100,4 +103,4 @@ async def push_closure(
         )
     if not done.ok:
         raise PushError(f"nix-store --import on {host.name}: {done.describe()}")
-    return PushResult(len(closure), len(missing), sent, time.monotonic() - start)
+    return PushResult(len(closure), len(missing), sent, time.monotonic() - start, closure_bytes)

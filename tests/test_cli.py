@@ -55,7 +55,16 @@ def test_build_example_hive_prints_paths(tmp_path):
     done = waggle("-f", str(EXAMPLE), "build", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     built = dict(line.split("\t") for line in done.stdout.splitlines())
-    assert sorted(built) == ["db-1", "monitor", "web-1", "web-2"]
+    assert sorted(built) == [
+        "bastion",
+        "cache-1",
+        "db-1",
+        "db-2",
+        "monitor",
+        "web-1",
+        "web-2",
+        "web-3",
+    ]
     for node, path in built.items():
         assert Path(path, "bin", "switch-to-configuration").exists(), node
         assert f"nixos-system-{node}" in path
