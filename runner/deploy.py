@@ -62,6 +62,26 @@ class Goal(Enum):
         return self is not Goal.BUILD
 
 
+def goal_stages(goal: Goal, *, reboot: bool = False, keys: bool = True) -> tuple[Stage, ...]:
+    """The stages a goal runs, in order (what reports list for every node)."""
+    if goal is Goal.UPLOAD_KEYS:
+        return (Stage.KEYS,)
+    stages = [Stage.EVAL, Stage.BUILD]
+    if goal is Goal.BUILD:
+        return tuple(stages)
+    stages.append(Stage.PUSH)
+    if goal is Goal.PUSH:
+        return tuple(stages)
+    if keys:
+        stages.append(Stage.KEYS)
+    stages.append(Stage.ACTIVATE)
+    if reboot:
+        stages.append(Stage.CONFIRM)
+    if keys:
+        stages.append(Stage.POST_KEYS)
+    return tuple(stages)
+
+
 @dataclass(frozen=True)
 class DeploySettings:
     goal: Goal = Goal.SWITCH
@@ -264,7 +284,7 @@ async def _deploy_node(
                     await p.stage(Stage.CONFIRM, reboot)
             if settings.keys:
                 await p.stage(
-                    Stage.KEYS, lambda: _keys(host, config, settings, "post-activation", True)
+                    Stage.POST_KEYS, lambda: _keys(host, config, settings, "post-activation", True)
                 )
     except _StageFailedError:
         pass

@@ -12,9 +12,10 @@ class Stage(Enum):
     EVAL = "eval"
     BUILD = "build"
     PUSH = "push"
-    KEYS = "keys"
+    KEYS = "keys"  # pre-activation keys (all keys for upload-keys)
     ACTIVATE = "activate"
-    CONFIRM = "confirm"
+    CONFIRM = "confirm"  # reboot and check the running system
+    POST_KEYS = "post-keys"  # post-activation keys
     HEALTH = "health"
 
     @override
