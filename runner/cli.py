@@ -549,7 +549,7 @@ def _print_deploy(results: Sequence[NodeResult]) -> None:
 async def cmd_apply(ns: argparse.Namespace, *, goal: Goal | None = None) -> int:
     if goal is None:
         goal = Goal(ns.goal) if ns.goal else (Goal.BOOT if ns.reboot else Goal.SWITCH)
-    if goal is Goal.BUILD and not ns.build_on_target:
+    if goal is Goal.BUILD and ns.build_on_target is False:
         return await cmd_build(ns)
     eval_settings = _eval_settings(ns) if goal is not Goal.UPLOAD_KEYS else EvalSettings()
     hive, selection = await _hive_for_run(ns, goal)
@@ -639,6 +639,7 @@ async def cmd_apply_local(ns: argparse.Namespace) -> int:
         _build_settings(ns, hive),
         settings,
         host_factory=lambda c: LocalHost(c.name, tuple(escalation)),
+        require_target_host=False,
         events=_progress,
     )
     _print_deploy(run.nodes)

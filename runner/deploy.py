@@ -341,19 +341,33 @@ async def deploy(
     *,
     host_factory: HostFactory | None = None,
     events: Sink | None = None,
+    require_target_host: bool = True,
 ) -> DeployRun:
-    """Run `settings.goal` for the selected nodes; results in `names` order."""
+    """Run `settings.goal` for the selected nodes; results in `names` order.
+
+    A node needs its host when the goal does, or when it builds on its target
+    (then even the build goal goes to the host). Without a targetHost such a
+    node is skipped, unless `require_target_host` is off (apply-local).
+    """
     emit = Emitter(events or discard)
     make_host = host_factory or (lambda c: ssh_host_for(c, settings.ssh))
     limit = settings.parallel if settings.parallel > 0 else max(1, len(names))
     permits = asyncio.Semaphore(limit)
-    hosts: dict[str, Host] = {}
+    goal = settings.goal
+
+    def builds_on_target(n: str) -> bool:
+        if goal is Goal.UPLOAD_KEYS:
+            return False
+        if settings.build_on_target is not None:
+            return settings.build_on_target
+        return configs[n].build_on_target
+
+    on_target = {n for n in names if builds_on_target(n)}
+    needs_host = {n for n in names if goal.needs_host or n in on_target}
     skipped: list[NodeResult] = []
-    reachable = list(names)
-    if settings.goal.needs_host:
-        reachable = [n for n in names if configs[n].target_host is not None]
+    if require_target_host:
         for n in names:
-            if configs[n].target_host is None:
+            if n in needs_host and configs[n].target_host is None:
                 stage = StageResult(
                     Stage.PUSH, Status.SKIPPED, 0.0, "no targetHost", started_at=time.time()
                 )
@@ -361,17 +375,19 @@ async def deploy(
                 emit.queued(n)
                 emit.end(n, stage)
                 emit.done(skipped[-1])
-        hosts = {n: make_host(configs[n]) for n in reachable}
+    left_out = {r.name for r in skipped}
+    reachable = [n for n in names if n not in left_out]
+    hosts: dict[str, Host] = {n: make_host(configs[n]) for n in reachable if n in needs_host}
 
     async def then(built: NodeResult) -> NodeResult:
-        if not settings.goal.needs_host:
+        if built.name not in hosts:
             return built
         return await _deploy_node(
             built, configs[built.name], settings, hosts[built.name], permits, emit
         )
 
     try:
-        if settings.goal is Goal.UPLOAD_KEYS:
+        if goal is Goal.UPLOAD_KEYS:
 
             async def keys_only(name: str) -> NodeResult:
                 emit.queued(name)
@@ -382,17 +398,14 @@ async def deploy(
             results = await asyncio.gather(*(keys_only(n) for n in reachable))
             run = None
         else:
-            on_target = {
-                n
-                for n in reachable
-                if (
-                    settings.build_on_target
-                    if settings.build_on_target is not None
-                    else configs[n].build_on_target
-                )
-            }
             run = await evaluate_and_build(
-                hive, reachable, eval_settings, build_settings, build_elsewhere=on_target, then=then
+                hive,
+                reachable,
+                eval_settings,
+                build_settings,
+                build_elsewhere=on_target,
+                then=then,
+                events=emit.sink,
             )
             results = list(run.nodes)
     finally:

@@ -86,7 +86,7 @@ def test_switch_then_noop_then_change(fleet, hive):
             .endswith(Path(toplevel).name)
         )
         assert h.path(toplevel).is_dir()
-        assert h.path("/etc/release").read_text() == "one"
+        assert h.resolve("/etc/release").read_text() == "one"
     # Re-deploying the same systems sends nothing and activates nothing.
     again = apply(hive, fleet, "switch")
     assert again.returncode == 0, again.stderr
@@ -145,7 +145,7 @@ def test_one_host_down_others_deploy(fleet, hive):
     assert "host3" in results["host3"][1] or "127.0.0" in results["host3"][1]
     for name in ("host1", "host2", "host4"):
         assert results[name][0] == "ok", done.stdout
-        assert fleet[name].path("/etc/release").read_text() == "three"
+        assert fleet[name].resolve("/etc/release").read_text() == "three"
     assert "Traceback" not in done.stderr
 
 
