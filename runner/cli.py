@@ -270,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     _selection_options(p)
     _eval_options(p)
     _build_options(p)
+    _deploy_options(p)  # for buildOnTarget nodes, which build on their hosts
 
     p = add("apply", "evaluate, build and deploy the selected nodes")
     p.add_argument(
@@ -461,12 +462,7 @@ def _log_evaluation(run: EvalRun) -> None:
 
 
 async def cmd_build(ns: argparse.Namespace) -> int:
-    eval_settings = _eval_settings(ns)
-    hive, selection = await _hive_for_run(ns, Goal.BUILD)
-    run = await evaluate_and_build(hive, selection.names, eval_settings, _build_settings(ns, hive))
-    _log_evaluation(run.evaluation)
-    _print_results(run.nodes)
-    return EXIT_OK if all(r.ok for r in run.nodes) else EXIT_NODES_FAILED
+    return await cmd_apply(ns, goal=Goal.BUILD)
 
 
 def _ssh_settings(ns: argparse.Namespace) -> SshSettings:
@@ -549,24 +545,36 @@ def _print_deploy(results: Sequence[NodeResult]) -> None:
 async def cmd_apply(ns: argparse.Namespace, *, goal: Goal | None = None) -> int:
     if goal is None:
         goal = Goal(ns.goal) if ns.goal else (Goal.BOOT if ns.reboot else Goal.SWITCH)
-    if goal is Goal.BUILD and ns.build_on_target is False:
-        return await cmd_build(ns)
     eval_settings = _eval_settings(ns) if goal is not Goal.UPLOAD_KEYS else EvalSettings()
     hive, selection = await _hive_for_run(ns, goal)
-    settings = _deploy_settings(ns, goal, hive)
     build_settings = _build_settings(ns, hive) if goal is not Goal.UPLOAD_KEYS else BuildSettings()
+    on_target = ns.build_on_target
+    if goal is Goal.BUILD and not (
+        on_target
+        or (on_target is None and any(c.build_on_target for c in selection.configs.values()))
+    ):
+        # Nothing goes to a host: evaluate and build here.
+        built = await evaluate_and_build(
+            hive, selection.names, eval_settings, build_settings, events=_progress
+        )
+        _log_evaluation(built.evaluation)
+        _print_results(built.nodes)
+        return EXIT_OK if all(r.ok for r in built.nodes) else EXIT_NODES_FAILED
     run = await deploy(
         hive,
         selection.configs,
         selection.names,
         eval_settings,
         build_settings,
-        settings,
+        _deploy_settings(ns, goal, hive),
         events=_progress,
     )
     if run.build is not None:
         _log_evaluation(run.build.evaluation)
-    _print_deploy(run.nodes)
+    if goal is Goal.BUILD:
+        _print_results(run.nodes)
+    else:
+        _print_deploy(run.nodes)
     return EXIT_OK if all(r.ok for r in run.nodes) else EXIT_NODES_FAILED
 
 
