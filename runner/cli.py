@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -23,7 +24,7 @@ from typing_extensions import override
 
 from runner import __version__, nix
 from runner.build import BuildSettings, evaluate_and_build
-from runner.deploy import DeploySettings, Goal, deploy
+from runner.deploy import DeploySettings, Goal, deploy, goal_stages
 from runner.errors import (
     EXIT_INTERRUPTED,
     EXIT_NODES_FAILED,
@@ -33,16 +34,26 @@ from runner.errors import (
     UsageError,
     WaggleError,
 )
+
+
+class ReportError(WaggleError):
+    """A report file could not be written (the run itself happened)."""
+
+    exit_code = EXIT_NODES_FAILED
+
+
 from runner.evaluate import EvalRun, EvalSettings, MemoryBudget, parse_size
 from runner.events import Event, EventKind
 from runner.exec import run_everywhere
+from runner.gitinfo import head_commit
 from runner.hive.discovery import locate
 from runner.hive.hive import Hive, nix_string
 from runner.hive.model import NodeConfig
 from runner.hive.selection import Selector, parse_on
 from runner.hosts.local import LocalHost
 from runner.hosts.ssh import SshSettings
-from runner.results import NodeResult, Stage, Status
+from runner.report import jsonreport, junit, markdown
+from runner.results import NodeResult, RunSummary, Stage, Status
 
 log = logging.getLogger("waggle")
 
@@ -61,9 +72,7 @@ GOALS = tuple(str(g) for g in Goal)
 class _Parser(argparse.ArgumentParser):
     @override
     def error(self, message: str) -> Any:  # one line, exit 2, no usage dump
-        self.exit(
-            EXIT_USAGE, f"waggle: error: {message} (see waggle {self.prog.split()[-1]} --help)\n"
-        )
+        self.exit(EXIT_USAGE, f"waggle: error: {message} (see {self.prog} --help)\n")
 
 
 def _global_options(p: argparse.ArgumentParser) -> None:
@@ -154,6 +163,27 @@ def _build_options(p: argparse.ArgumentParser) -> None:
         default=3 * 3600.0,
         metavar="SECONDS",
         help="timeout of one node's build (default 10800)",
+    )
+
+
+def _report_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--junit",
+        metavar="PATH",
+        type=Path,
+        help="write a JUnit XML report: one testcase per node and stage",
+    )
+    p.add_argument(
+        "--report-md",
+        metavar="PATH",
+        type=Path,
+        help="write a markdown report (also appended to $GITHUB_STEP_SUMMARY when set)",
+    )
+    p.add_argument(
+        "--report-json",
+        metavar="PATH",
+        type=Path,
+        help="write a JSON report (schema waggle.report/1, see README)",
     )
 
 
@@ -271,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_options(p)
     _build_options(p)
     _deploy_options(p)  # for buildOnTarget nodes, which build on their hosts
+    _report_options(p)
 
     p = add("apply", "evaluate, build and deploy the selected nodes")
     p.add_argument(
@@ -284,12 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_options(p)
     _build_options(p)
     _deploy_options(p)
+    _report_options(p)
 
     p = add(
         "upload-keys", "upload the selected nodes' deployment.keys (all of them) and nothing else"
     )
     _selection_options(p)
     _deploy_options(p)
+    _report_options(p)
 
     p = add("exec", "run a command on the selected nodes; output grouped per node")
     _selection_options(p)
@@ -387,6 +420,7 @@ def _nix_flags(ns: argparse.Namespace) -> nix.NixFlags:
 class Selection:
     names: list[str]
     configs: dict[str, NodeConfig]
+    all_names: tuple[str, ...] = ()
 
 
 async def _open_hive(ns: argparse.Namespace) -> Hive:
@@ -401,14 +435,13 @@ async def _select(hive: Hive, on: str | None) -> Selection:
     if not names:
         raise HiveError(f"{hive.source.describe()}: the hive has no nodes")
     if selector is None:
-        configs = await hive.deployment(names)
-        return Selection(names, configs)
+        return Selection(names, await hive.deployment(names), tuple(names))
     if selector.needs_tags:
         configs = await hive.deployment(names)
         chosen = selector.select(names, {n: c.tags for n, c in configs.items()})
-        return Selection(chosen, {n: configs[n] for n in chosen})
+        return Selection(chosen, {n: configs[n] for n in chosen}, tuple(names))
     chosen = selector.select(names, {})
-    return Selection(chosen, await hive.deployment(chosen))
+    return Selection(chosen, await hive.deployment(chosen), tuple(names))
 
 
 # -- commands ----------------------------------------------------------------------
@@ -545,10 +578,12 @@ def _print_deploy(results: Sequence[NodeResult]) -> None:
 async def cmd_apply(ns: argparse.Namespace, *, goal: Goal | None = None) -> int:
     if goal is None:
         goal = Goal(ns.goal) if ns.goal else (Goal.BOOT if ns.reboot else Goal.SWITCH)
+    started_at, start = time.time(), time.monotonic()
     eval_settings = _eval_settings(ns) if goal is not Goal.UPLOAD_KEYS else EvalSettings()
     hive, selection = await _hive_for_run(ns, goal)
     build_settings = _build_settings(ns, hive) if goal is not Goal.UPLOAD_KEYS else BuildSettings()
     on_target = ns.build_on_target
+    nodes: Sequence[NodeResult]
     if goal is Goal.BUILD and not (
         on_target
         or (on_target is None and any(c.build_on_target for c in selection.configs.values()))
@@ -558,24 +593,61 @@ async def cmd_apply(ns: argparse.Namespace, *, goal: Goal | None = None) -> int:
             hive, selection.names, eval_settings, build_settings, events=_progress
         )
         _log_evaluation(built.evaluation)
-        _print_results(built.nodes)
-        return EXIT_OK if all(r.ok for r in built.nodes) else EXIT_NODES_FAILED
-    run = await deploy(
-        hive,
-        selection.configs,
-        selection.names,
-        eval_settings,
-        build_settings,
-        _deploy_settings(ns, goal, hive),
-        events=_progress,
-    )
-    if run.build is not None:
-        _log_evaluation(run.build.evaluation)
-    if goal is Goal.BUILD:
-        _print_results(run.nodes)
+        nodes = built.nodes
     else:
-        _print_deploy(run.nodes)
-    return EXIT_OK if all(r.ok for r in run.nodes) else EXIT_NODES_FAILED
+        run = await deploy(
+            hive,
+            selection.configs,
+            selection.names,
+            eval_settings,
+            build_settings,
+            _deploy_settings(ns, goal, hive),
+            events=_progress,
+        )
+        if run.build is not None:
+            _log_evaluation(run.build.evaluation)
+        nodes = run.nodes
+    if goal is Goal.BUILD:
+        _print_results(nodes)
+    else:
+        _print_deploy(nodes)
+    summary = RunSummary(
+        command=f"{ns.command} {goal}" if ns.command == "apply" else str(ns.command),
+        goal=str(goal),
+        hive=hive.source.describe(),
+        commit=head_commit(hive.source.directory),
+        started_at=started_at,
+        seconds=time.monotonic() - start,
+        stages=goal_stages(
+            goal, reboot=getattr(ns, "reboot", False), keys=not getattr(ns, "no_keys", False)
+        ),
+        nodes=tuple(nodes),
+        not_selected=tuple(n for n in selection.all_names if n not in selection.configs),
+    )
+    _write_reports(ns, summary)
+    return EXIT_OK if summary.ok else EXIT_NODES_FAILED
+
+
+def _write_reports(ns: argparse.Namespace, summary: RunSummary) -> None:
+    """The reports asked for; a report that cannot be written is an error, after the run."""
+    try:
+        for path in (ns.junit, ns.report_md, ns.report_json):
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+        if ns.junit is not None:
+            junit.write_junit(summary, ns.junit)
+            log.info("JUnit report: %s", ns.junit)
+        if ns.report_md is not None:
+            markdown.write_markdown(summary, ns.report_md)
+            log.info("markdown report: %s", ns.report_md)
+        if ns.report_json is not None:
+            jsonreport.write_json(summary, ns.report_json)
+            log.info("JSON report: %s", ns.report_json)
+        step_summary = markdown.step_summary_path(os.environ)
+        if step_summary is not None:
+            markdown.write_step_summary(summary, step_summary)
+    except OSError as e:
+        raise ReportError(f"cannot write a report: {e.filename}: {e.strerror}") from e
 
 
 async def cmd_upload_keys(ns: argparse.Namespace) -> int:

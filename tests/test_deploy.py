@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -135,8 +136,21 @@ def test_goals_boot_test_dry_activate_push(fleet, hive):
 def test_one_host_down_others_deploy(fleet, hive):
     set_release(hive, "three")
     fleet.stop_host("host3")
+    reports = hive / "reports"
     try:
-        done = apply(hive, fleet, "switch", "--connect-timeout", "5")
+        done = apply(
+            hive,
+            fleet,
+            "switch",
+            "--connect-timeout",
+            "5",
+            "--junit",
+            str(reports / "run.xml"),
+            "--report-md",
+            str(reports / "run.md"),
+            "--report-json",
+            str(reports / "run.json"),
+        )
     finally:
         fleet.start_host("host3")
     assert done.returncode == 1, done.stderr
@@ -147,6 +161,22 @@ def test_one_host_down_others_deploy(fleet, hive):
         assert results[name][0] == "ok", done.stdout
         assert fleet[name].resolve("/etc/release").read_text() == "three"
     assert "Traceback" not in done.stderr
+    # The reports tell the same story: a JUnit parser counts one failure (host3's push).
+    from junitparser import JUnitXml
+
+    suite = next(iter(JUnitXml.fromfile(str(reports / "run.xml"))))
+    cases = list(suite)
+    failed = [c for c in cases if c.result and c.result[0]._tag == "failure"]
+    assert [(c.classname, c.name) for c in failed] == [("waggle.push", "host3")]
+    assert len({(c.classname, c.name) for c in cases}) == len(cases)
+    ok_activations = [c for c in cases if c.classname == "waggle.activate" and not c.result]
+    assert sorted(c.name for c in ok_activations) == ["host1", "host2", "host4"]
+    md = (reports / "run.md").read_text()
+    assert "1 failed" in md.splitlines()[0]
+    assert md.index("host3") < md.index("host1")  # failures first
+    report = json.loads((reports / "run.json").read_text())
+    assert report["schema"] == "waggle.report/1"
+    assert {n["name"]: n["status"] for n in report["nodes"]}["host3"] == "failed"
 
 
 def test_failing_activation_reports_log_tail(fleet, hive):
