@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ class ReportError(WaggleError):
 
 
 from runner.evaluate import EvalRun, EvalSettings, MemoryBudget, parse_size
-from runner.events import Event, EventKind
+from runner.events import Sink
 from runner.exec import run_everywhere
 from runner.gitinfo import head_commit
 from runner.hive.discovery import locate
@@ -52,6 +53,7 @@ from runner.hive.model import NodeConfig
 from runner.hive.selection import Selector, parse_on
 from runner.hosts.local import LocalHost
 from runner.hosts.ssh import SshSettings
+from runner.progress import choose_output
 from runner.report import jsonreport, junit, markdown
 from runner.results import NodeResult, RunSummary, Stage, Status
 
@@ -101,6 +103,24 @@ def _global_options(p: argparse.ArgumentParser) -> None:
         "-v", "--verbose", action="store_true", default=s, help="more log lines on stderr"
     )
     p.add_argument("--debug", action="store_true", default=s, help="show tracebacks of errors")
+    p.add_argument(
+        "--plain",
+        action="store_true",
+        default=s,
+        help="one line per event instead of the live view (implied by -v, CI, no TTY)",
+    )
+    p.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        default=s,
+        help="colour in progress output (auto honours NO_COLOR, CLICOLOR, CLICOLOR_FORCE)",
+    )
+    p.add_argument(
+        "--timestamps",
+        action="store_true",
+        default=s,
+        help="prefix plain progress lines with the time",
+    )
 
 
 def _opt(ns: argparse.Namespace, name: str, default: Any = None) -> Any:
@@ -538,14 +558,29 @@ def _deploy_settings(ns: argparse.Namespace, goal: Goal, hive: Hive) -> DeploySe
     )
 
 
-def _progress(event: Event) -> None:
-    if event.kind is EventKind.LOG and event.message:
-        print(f"{event.node} | {event.message}", file=sys.stderr, flush=True)
-    elif event.kind is EventKind.STAGE_END and event.result is not None:
-        r = event.result
-        text = f"{r.stage} failed: {r.message}" if r.status is Status.FAILED else r.message
-        if text:
-            print(f"{event.node} | {text}", file=sys.stderr, flush=True)
+@contextlib.contextmanager
+def _progress(
+    ns: argparse.Namespace, names: Sequence[str], *, plain: bool = False
+) -> Iterator[Sink]:
+    """The live view on a terminal, else the plain log; log lines go through it meanwhile."""
+    out = choose_output(
+        sys.stderr,
+        plain=plain or bool(_opt(ns, "plain") or _opt(ns, "verbose")),
+        color=_opt(ns, "color", "auto"),
+        env=os.environ,
+        timestamps=bool(_opt(ns, "timestamps")),
+        names=names,
+    )
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    with out:
+        handler = out.log_handler()
+        handler.setFormatter(logging.Formatter("waggle: %(message)s"))
+        root.handlers = [handler]
+        try:
+            yield out
+        finally:
+            root.handlers = saved
 
 
 def _print_deploy(results: Sequence[NodeResult]) -> None:
@@ -554,8 +589,6 @@ def _print_deploy(results: Sequence[NodeResult]) -> None:
         f = r.failure
         if f is not None:
             print(f"{r.name}\tfailed\t{f.stage}: {f.message}", flush=True)
-            for line in f.detail.strip().splitlines()[-20:]:
-                print(f"{r.name} | {line}", file=sys.stderr)
             continue
         skipped = next((st for st in r.stages if st.status is Status.SKIPPED), None)
         if skipped is not None:
@@ -566,13 +599,6 @@ def _print_deploy(results: Sequence[NodeResult]) -> None:
             r.stages[-1] if r.stages else None,
         )
         print(f"{r.name}\tok\t{main.message if main else ''}", flush=True)
-    failed = sum(1 for r in results if not r.ok)
-    log.warning(
-        "%d of %d nodes ok%s",
-        len(results) - failed,
-        len(results),
-        f", {failed} failed" if failed else "",
-    )
 
 
 async def cmd_apply(ns: argparse.Namespace, *, goal: Goal | None = None) -> int:
@@ -589,23 +615,26 @@ async def cmd_apply(ns: argparse.Namespace, *, goal: Goal | None = None) -> int:
         or (on_target is None and any(c.build_on_target for c in selection.configs.values()))
     ):
         # Nothing goes to a host: evaluate and build here.
-        built = await evaluate_and_build(
-            hive, selection.names, eval_settings, build_settings, events=_progress
-        )
-        _log_evaluation(built.evaluation)
+        with _progress(ns, selection.names) as out:
+            built = await evaluate_and_build(
+                hive, selection.names, eval_settings, build_settings, events=out
+            )
+            _log_evaluation(built.evaluation)
         nodes = built.nodes
     else:
-        run = await deploy(
-            hive,
-            selection.configs,
-            selection.names,
-            eval_settings,
-            build_settings,
-            _deploy_settings(ns, goal, hive),
-            events=_progress,
-        )
-        if run.build is not None:
-            _log_evaluation(run.build.evaluation)
+        settings = _deploy_settings(ns, goal, hive)
+        with _progress(ns, selection.names, plain=goal is Goal.DRY_ACTIVATE) as out:
+            run = await deploy(
+                hive,
+                selection.configs,
+                selection.names,
+                eval_settings,
+                build_settings,
+                settings,
+                events=out,
+            )
+            if run.build is not None:
+                _log_evaluation(run.build.evaluation)
         nodes = run.nodes
     if goal is Goal.BUILD:
         _print_results(nodes)
@@ -711,17 +740,19 @@ async def cmd_apply_local(ns: argparse.Namespace) -> int:
     escalation = config.privilege_escalation_command if ns.sudo else ()
     if not ns.sudo and os.geteuid() != 0:
         log.warning("apply-local runs as a non-root user without --sudo; activation may fail")
-    run = await deploy(
-        hive,
-        {node: config},
-        [node],
-        _eval_settings(ns),
-        _build_settings(ns, hive),
-        settings,
-        host_factory=lambda c: LocalHost(c.name, tuple(escalation)),
-        require_target_host=False,
-        events=_progress,
-    )
+    # sudo may prompt, and dry-activate's output is the point: plain lines then.
+    with _progress(ns, [node], plain=ns.sudo or goal is Goal.DRY_ACTIVATE) as out:
+        run = await deploy(
+            hive,
+            {node: config},
+            [node],
+            _eval_settings(ns),
+            _build_settings(ns, hive),
+            settings,
+            host_factory=lambda c: LocalHost(c.name, tuple(escalation)),
+            require_target_host=False,
+            events=out,
+        )
     _print_deploy(run.nodes)
     return EXIT_OK if all(r.ok for r in run.nodes) else EXIT_NODES_FAILED
 
