@@ -15,7 +15,7 @@ changing the meaning of one bumps the version.
 | `run.commit` | string or null | the hive's git commit, when known |
 | `run.started_at` | string | when the run started |
 | `run.seconds` | number | how long the run took |
-| `run.stages` | array of string | the stages of the run, in order (`eval`, `build`, `push`, `keys`, `activate`, `confirm`, `health`) |
+| `run.stages` | array of string | the stages of the run, in order (`eval`, `build`, `push`, `keys`, `activate`, `confirm`, `post-keys`) |
 | `run.ok` | boolean | no selected node failed |
 | `run.counts` | object | `nodes` (selected), `ok`, `failed`, `unchanged`, `skipped`, `not_selected`: integers |
 | `nodes` | array of object | the selected nodes, in selection order |
@@ -24,7 +24,7 @@ changing the meaning of one bumps the version.
 | `nodes[].failed_stage` | string or null | the first stage that failed |
 | `nodes[].drv_path` | string or null | the system's derivation, once evaluated |
 | `nodes[].out_path` | string or null | the system's store path, once evaluated |
-| `nodes[].stages` | array of object | the stages the node went through, in the order they ran (`keys` may appear twice: before and after activation); stages it never reached are absent |
+| `nodes[].stages` | array of object | the stages the node went through, in the order they ran; stages it never reached are absent |
 | `nodes[].stages[].stage` | string | the stage |
 | `nodes[].stages[].status` | string | `ok`, `failed` or `skipped` |
 | `nodes[].stages[].seconds` | number | how long it took |
