@@ -168,6 +168,17 @@ class _Pipeline:
         self.emit.end(node, result)
         return message
 
+    async def keys_stage(self, stage: Stage, phase: keys.Phase, require: bool) -> None:
+        """Upload the phase's keys; with none, record the stage without any output."""
+        if not any(k.upload_at.value == phase for k in self.config.keys):
+            self.stages.append(
+                StageResult(stage, Status.OK, 0.0, f"no {phase} keys", started_at=time.time())
+            )
+            return
+        await self.stage(
+            stage, lambda: _keys(self.host, self.config, self.settings, phase, require)
+        )
+
 
 class StepError(WaggleError):
     exit_code = 1
@@ -229,9 +240,7 @@ async def _deploy_node(
 
             assert toplevel is not None
             if settings.keys:
-                await p.stage(
-                    Stage.KEYS, lambda: _keys(host, config, settings, "pre-activation", False)
-                )
+                await p.keys_stage(Stage.KEYS, "pre-activation", False)
             current = await activation.current_system(host)
             if (
                 not config.replace_unknown_profiles
@@ -283,9 +292,7 @@ async def _deploy_node(
 
                     await p.stage(Stage.CONFIRM, reboot)
             if settings.keys:
-                await p.stage(
-                    Stage.POST_KEYS, lambda: _keys(host, config, settings, "post-activation", True)
-                )
+                await p.keys_stage(Stage.POST_KEYS, "post-activation", True)
     except _StageFailedError:
         pass
     return _result(built, p.stages)
