@@ -47,6 +47,16 @@ from runner.evaluate import EvalRun, EvalSettings, MemoryBudget, parse_size
 from runner.events import Sink
 from runner.exec import run_everywhere
 from runner.gitinfo import head_commit
+from runner.gitops.plan import (
+    DEFAULT_IGNORE,
+    PlanBuildSettings,
+    build_and_diff,
+    compute_plan,
+    hive_path_of,
+    plan_json,
+    plan_junit,
+    plan_markdown,
+)
 from runner.hive.discovery import locate
 from runner.hive.hive import Hive, nix_string
 from runner.hive.model import NodeConfig
@@ -342,6 +352,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _selection_options(p)
     _deploy_options(p)
+    _report_options(p)
+
+    p = add("plan", "which nodes a git change affects, with package diffs (nothing is deployed)")
+    p.add_argument(
+        "--base",
+        required=True,
+        metavar="REV",
+        help="the revision to compare against (SHA, branch, tag, HEAD~1, origin/main)",
+    )
+    p.add_argument("--head", metavar="REV", help="the revision to plan (default: HEAD)")
+    _selection_options(p)
+    p.add_argument(
+        "--ignore",
+        action="append",
+        metavar="GLOB",
+        help="paths whose changes affect no node (repeatable; default: **/*.md, "
+        "docs/**, .github/**)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="cache base evaluations here (keyed by tree id and Nix version)",
+    )
+    p.add_argument("--no-build", action="store_true", help="do not build the changed nodes")
+    p.add_argument(
+        "--json",
+        metavar="PATH",
+        type=Path,
+        dest="plan_json",
+        help="write the plan as JSON ('-' for stdout)",
+    )
+    _eval_options(p)
+    _build_options(p)
     _report_options(p)
 
     p = add("exec", "run a command on the selected nodes; output grouped per node")
@@ -679,6 +723,52 @@ def _write_reports(ns: argparse.Namespace, summary: RunSummary) -> None:
         raise ReportError(f"cannot write a report: {e.filename}: {e.strerror}") from e
 
 
+async def cmd_plan(ns: argparse.Namespace) -> int:
+    source = locate(_opt(ns, "config"), Path.cwd())
+    selector = parse_on(ns.on) if ns.on is not None else None
+    eval_settings = _eval_settings(ns)
+    flags = _nix_flags(ns)
+    plan = await compute_plan(
+        hive_path_of(source),
+        ns.base,
+        ns.head,
+        selector=selector,
+        ignore=tuple(ns.ignore) if ns.ignore else DEFAULT_IGNORE,
+        cache_dir=ns.cache_dir,
+        flags=flags,
+        eval_settings=eval_settings,
+    )
+    plan = await build_and_diff(
+        plan,
+        flags,
+        PlanBuildSettings(
+            jobs=max(1, ns.build_jobs), timeout=ns.build_timeout, build=not ns.no_build
+        ),
+    )
+    text = plan_markdown(plan)
+    outputs: list[tuple[Path | None, str]] = [
+        (ns.report_md, text),
+        (ns.junit, plan_junit(plan) if ns.junit is not None else ""),
+        (ns.plan_json, json.dumps(plan_json(plan), indent=2) if ns.plan_json is not None else ""),
+    ]
+    try:
+        for path, content in outputs:
+            if path is None or str(path) == "-":
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
+        step_summary = markdown.step_summary_path(os.environ)
+        if step_summary is not None:
+            markdown.append_step_summary(text, step_summary)
+    except OSError as e:
+        raise ReportError(f"cannot write a report: {e.filename}: {e.strerror}") from e
+    if ns.plan_json is not None and str(ns.plan_json) == "-":
+        print(json.dumps(plan_json(plan), indent=2))
+    else:
+        print(text)
+    return EXIT_OK if plan.ok else EXIT_NODES_FAILED
+
+
 async def cmd_upload_keys(ns: argparse.Namespace) -> int:
     return await cmd_apply(ns, goal=Goal.UPLOAD_KEYS)
 
@@ -868,6 +958,7 @@ COMMANDS = {
     "build": cmd_build,
     "apply": cmd_apply,
     "upload-keys": cmd_upload_keys,
+    "plan": cmd_plan,
     "exec": cmd_exec,
     "apply-local": cmd_apply_local,
     "eval": cmd_eval,

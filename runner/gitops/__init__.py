@@ -1,0 +1,1 @@
+"""GitOps: what a git change does to the fleet (change detection, plans)."""

@@ -1,0 +1,853 @@
+"""`waggle plan`: which nodes a git change affects, and how.
+
+1. Resolve base and head (fetching the base into a shallow clone when missing). An
+   unknown base (all zeros, or not fetchable) makes every selected node affected, with
+   the reason in the plan.
+2. List the changed paths (renames detected). When every change is to an ignored path,
+   nothing is evaluated.
+3. Evaluate the selected nodes at head and at base, each from its commit's tree written
+   to a temporary directory (flakes as `path:` references), so both sides see exactly the
+   committed files. Base results are cached on disk by tree id and Nix version.
+4. Compare drvPaths: changed, added, removed, unchanged.
+5. `build_and_diff`: build the changed and added nodes, and for changed nodes diff the
+   packages of the base and head derivation closures (the base is never built) and
+   report the closure size delta where both sizes are known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import pygit2
+from junit_xml import TestCase, TestSuite, to_xml_report_string  # type: ignore[import-untyped]
+
+from runner import nix, process
+from runner.errors import HiveError, NixError, UsageError
+from runner.evaluate import EvalSettings, evaluate
+from runner.gitops import cache
+from runner.gitops.cache import SideEval, SideNode
+from runner.gitops.changes import (
+    PathChange,
+    change_is_ignored,
+    changed_paths,
+    checkout_tree,
+    ensure_commit,
+    is_zero,
+    open_repo,
+    resolve,
+)
+from runner.hive.discovery import HiveKind, HiveSource, locate
+from runner.hive.hive import Hive
+from runner.hive.selection import Selector
+from runner.nix import NixFlags
+from runner.report import clean_text, human_bytes, log_tail, one_line
+from runner.report.markdown import code, escape
+from runner.results import NodeResult, Stage, StageResult, Status
+
+DEFAULT_IGNORE: tuple[str, ...] = ("**/*.md", "docs/**", ".github/**")
+
+Kind = Literal["changed", "added", "removed", "unchanged"]
+AFFECTED_KINDS: tuple[Kind, ...] = ("changed", "added", "removed")
+PLAN_CLASSNAME = "waggle.plan"
+
+
+# -- results ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PackageChange:
+    name: str
+    old: str | None  # None: added
+    new: str | None  # None: removed
+
+    def describe(self) -> str:
+        if self.old is None:
+            return f"{self.name}: added {self.new}"
+        if self.new is None:
+            return f"{self.name}: removed {self.old}"
+        return f"{self.name}: {self.old} -> {self.new}"
+
+
+@dataclass(frozen=True)
+class PackageDiff:
+    """Packages (versioned derivations) of the base and head derivation closures."""
+
+    changed: tuple[PackageChange, ...] = ()
+    added: tuple[PackageChange, ...] = ()
+    removed: tuple[PackageChange, ...] = ()
+    drvs_base: int = 0  # derivations in the base closure
+    drvs_head: int = 0
+    drvs_only_base: int = 0  # derivations not shared
+    drvs_only_head: int = 0
+
+    @property
+    def entries(self) -> tuple[PackageChange, ...]:
+        return (*self.changed, *self.added, *self.removed)
+
+
+@dataclass(frozen=True)
+class ClosureDelta:
+    """Runtime closure sizes (NAR bytes) and path counts; None where not known here.
+
+    The head size is measured after its build. The base size is known only when the
+    base system's output is valid in the local store (Waggle never builds the base).
+    """
+
+    head_size: int | None
+    base_size: int | None
+    head_paths: int | None
+    base_paths: int | None
+
+    @property
+    def size_delta(self) -> int | None:
+        if self.head_size is None or self.base_size is None:
+            return None
+        return self.head_size - self.base_size
+
+    @property
+    def paths_delta(self) -> int | None:
+        if self.head_paths is None or self.base_paths is None:
+            return None
+        return self.head_paths - self.base_paths
+
+
+@dataclass(frozen=True)
+class NodeChange:
+    name: str
+    kind: Kind
+    reason: str
+    base_drv: str | None = None
+    head_drv: str | None = None
+    head_out: str | None = None
+    base_out: str | None = None
+    error: str | None = None  # evaluation failure at head (one line)
+    detail: str = ""
+    build: NodeResult | None = None  # after build_and_diff, for built nodes
+    packages: PackageDiff | None = None
+    closure: ClosureDelta | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def affected(self) -> bool:
+        return self.kind in AFFECTED_KINDS
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None or (self.build is not None and not self.build.ok)
+
+
+@dataclass(frozen=True)
+class Plan:
+    hive: str  # the hive's path relative to the repository root
+    base_rev: str | None  # as asked
+    head_rev: str
+    base: str | None  # the base commit id, None when unknown
+    head: str  # the head commit id
+    changed_paths: tuple[PathChange, ...] = ()
+    ignored_paths: tuple[PathChange, ...] = ()  # the subset of changed_paths ignored
+    nodes: tuple[NodeChange, ...] = ()
+    all_affected_reason: str | None = None  # why every node counts as affected
+    skipped_reason: str | None = None  # why nothing was evaluated
+    notes: tuple[str, ...] = ()  # fetches, cache hits, base hive errors
+    evaluations: int = 0  # sides evaluated with nix (0, 1 or 2); cache hits are not counted
+    base_cached: bool = False
+    seconds: float = 0.0
+    ignore: tuple[str, ...] = field(default=DEFAULT_IGNORE)
+
+    @property
+    def affected(self) -> tuple[NodeChange, ...]:
+        return tuple(n for n in self.nodes if n.affected)
+
+    @property
+    def failed(self) -> tuple[NodeChange, ...]:
+        return tuple(n for n in self.nodes if n.failed)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def node(self, name: str) -> NodeChange:
+        return next(n for n in self.nodes if n.name == name)
+
+
+# -- the hive at a commit -------------------------------------------------------------
+
+
+def hive_path_of(source: HiveSource) -> Path:
+    """The file (hive.nix) or directory (flake) of a located hive, for `compute_plan`."""
+    if source.kind is HiveKind.LEGACY:
+        return Path(source.ref)
+    if source.directory is None:
+        raise UsageError(
+            f"plan: the hive {source.ref} is a flake reference, not a directory in a git "
+            "repository; run it from a checkout or pass -f with a path"
+        )
+    return source.directory
+
+
+def _relative(repo: pygit2.Repository, hive_path: Path) -> str:
+    workdir = repo.workdir
+    if workdir is None:
+        raise UsageError(f"plan: the repository of {hive_path} is bare")
+    try:
+        rel = hive_path.resolve().relative_to(Path(workdir).resolve())
+    except ValueError as e:
+        raise UsageError(f"plan: {hive_path} is not inside the repository {workdir}") from e
+    return rel.as_posix() if str(rel) != "." else ""
+
+
+def _source_in(tree_dir: Path, rel: str) -> HiveSource | None:
+    """The hive at `rel` inside a written-out tree, or None when it is not there."""
+    target = tree_dir / rel if rel else tree_dir
+    if not target.exists():
+        return None
+    source = locate(str(target), tree_dir)
+    if source.kind is HiveKind.FLAKE:
+        return replace(source, ref=f"path:{source.directory}")
+    return source
+
+
+def _tree_has(commit: pygit2.Commit, rel: str) -> bool:
+    if not rel:
+        return True
+    try:
+        commit.tree[rel]
+    except KeyError:
+        return False
+    return True
+
+
+async def nix_version() -> str:
+    done = await process.run(["nix-instantiate", "--version"], timeout=30)
+    if not done.ok:
+        raise NixError("nix-instantiate --version failed", detail=done.stderr)
+    return done.stdout.strip().rsplit(" ", 1)[-1]
+
+
+def _matching(
+    selector: Selector | None, names: Sequence[str], tags: dict[str, tuple[str, ...]]
+) -> list[str]:
+    if selector is None:
+        return list(names)
+    return [n for n in names if any(r.matches(n, tags.get(n, ())) for r in selector.rules)]
+
+
+async def _evaluate_side(
+    source: HiveSource, flags: NixFlags, selector: Selector | None, settings: EvalSettings
+) -> SideEval:
+    hive = await Hive(source, flags).prepared()
+    names = await hive.node_names()
+    tags: dict[str, tuple[str, ...]] = {}
+    if selector is not None and selector.needs_tags:
+        tags = {n: c.tags for n, c in (await hive.deployment(names)).items()}
+    chosen = _matching(selector, names, tags)
+    if not chosen:
+        return SideEval((), {})
+    run = await evaluate(hive, chosen, settings)
+    return SideEval(
+        tuple(sorted(chosen)),
+        {n: SideNode(r.drv_path, r.out_path, r.error, r.detail) for n, r in run.results.items()},
+    )
+
+
+# -- compute_plan -------------------------------------------------------------------------
+
+
+async def compute_plan(
+    hive_path: Path,
+    base: str | None,
+    head: str | None = None,
+    *,
+    selector: Selector | None = None,
+    ignore: Sequence[str] = DEFAULT_IGNORE,
+    cache_dir: Path | None = None,
+    flags: NixFlags | None = None,
+    eval_settings: EvalSettings | None = None,
+    remote: str = "origin",
+    callbacks: pygit2.RemoteCallbacks | None = None,
+) -> Plan:
+    """Work out what the change base..head does to the selected nodes (no builds).
+
+    `hive_path` is the hive file or flake directory inside the repository's working
+    tree (`hive_path_of(locate(...))`); the repository is found upwards from it.
+    `head` defaults to HEAD. Raises UsageError for an unknown head, HiveError when the
+    hive does not evaluate at head; a base that does not evaluate makes every node
+    affected instead.
+    """
+    started = time.monotonic()
+    flags = flags or NixFlags()
+    eval_settings = eval_settings or EvalSettings()
+    ignore = tuple(ignore)
+    repo = await asyncio.to_thread(open_repo, hive_path)
+    rel = _relative(repo, hive_path)
+    head_rev = head or "HEAD"
+    head_commit = await asyncio.to_thread(resolve, repo, head_rev)
+    if head_commit is None:
+        fetched_head = await asyncio.to_thread(
+            ensure_commit, repo, head_rev, remote=remote, callbacks=callbacks
+        )
+        head_commit = fetched_head.commit
+        if head_commit is None:
+            raise UsageError(f"plan: --head {head_rev!r} names no commit in the repository")
+    plan = Plan(
+        hive=rel or ".",
+        base_rev=base,
+        head_rev=head_rev,
+        base=None,
+        head=str(head_commit.id),
+        ignore=ignore,
+    )
+    notes: list[str] = []
+    base_commit: pygit2.Commit | None = None
+    if is_zero(base):
+        plan = replace(
+            plan,
+            all_affected_reason=(
+                "base commit unknown (empty or all zeros, as CI reports for a new branch): "
+                "every node is treated as affected"
+            ),
+        )
+    else:
+        assert base is not None
+        fetched = await asyncio.to_thread(
+            ensure_commit, repo, base, remote=remote, callbacks=callbacks
+        )
+        notes += fetched.notes
+        base_commit = fetched.commit
+        if base_commit is None:
+            plan = replace(
+                plan,
+                all_affected_reason=(
+                    f"base commit {base} is not in the repository and could not be fetched: "
+                    "every node is treated as affected"
+                ),
+            )
+    if base_commit is not None:
+        plan = replace(plan, base=str(base_commit.id))
+        paths = await asyncio.to_thread(changed_paths, repo, base_commit, head_commit)
+        ignored = tuple(c for c in paths if change_is_ignored(c, ignore))
+        plan = replace(plan, changed_paths=tuple(paths), ignored_paths=ignored)
+        if not paths or len(ignored) == len(paths):
+            why = (
+                "base and head have the same files"
+                if not paths
+                else "only ignored paths changed (" + ", ".join(ignore) + ")"
+            )
+            return replace(
+                plan,
+                skipped_reason=f"{why}: no node is affected, nothing was evaluated",
+                notes=tuple(notes),
+                seconds=time.monotonic() - started,
+            )
+
+    with tempfile.TemporaryDirectory(prefix="waggle-plan-") as tmp:
+        head_dir = await asyncio.to_thread(checkout_tree, repo, head_commit, Path(tmp, "head"))
+        head_source = _source_in(head_dir, rel)
+        if head_source is None:
+            raise HiveError(f"plan: there is no hive at {rel or '.'} in the head commit")
+        head_side = await _evaluate_side(head_source, flags, selector, eval_settings)
+        evaluations = 1
+        base_side: SideEval | None = None
+        base_cached = False
+        if base_commit is not None:
+            base_side, base_cached, base_notes = await _base_side(
+                repo,
+                base_commit,
+                rel,
+                Path(tmp, "base"),
+                flags,
+                selector,
+                eval_settings,
+                cache_dir,
+            )
+            notes += base_notes
+            if base_side is None:
+                plan = replace(
+                    plan,
+                    all_affected_reason=(
+                        "the hive does not evaluate at base: every node is treated as affected"
+                    ),
+                )
+            elif not base_cached:
+                evaluations += 1
+    if selector is not None and not head_side.names and not (base_side and base_side.names):
+        raise UsageError(f"--on {selector.text!r} matches no node at head or at base")
+    nodes = _compare(head_side, base_side)
+    return replace(
+        plan,
+        nodes=nodes,
+        notes=tuple(notes),
+        evaluations=evaluations,
+        base_cached=base_cached,
+        seconds=time.monotonic() - started,
+    )
+
+
+async def _base_side(
+    repo: pygit2.Repository,
+    commit: pygit2.Commit,
+    rel: str,
+    dest: Path,
+    flags: NixFlags,
+    selector: Selector | None,
+    settings: EvalSettings,
+    cache_dir: Path | None,
+) -> tuple[SideEval | None, bool, list[str]]:
+    """(side or None when the hive fails at base, cache hit, notes)."""
+    notes: list[str] = []
+    if not _tree_has(commit, rel):
+        notes.append(f"there is no hive at {rel or '.'} in the base commit: every node is new")
+        return SideEval((), {}), False, notes
+    path: Path | None = None
+    if cache_dir is not None:
+        key = cache.cache_key(
+            rel,
+            selector.text if selector else None,
+            flags.impure,
+            flags.options,
+            flags.machines_file,
+            os.environ.get("NIX_PATH", ""),
+        )
+        path = cache.cache_file(cache_dir, str(commit.tree.id), await nix_version(), key)
+        hit = await asyncio.to_thread(cache.load, path)
+        if hit is not None:
+            notes.append(f"base evaluation read from the cache ({path.name})")
+            return hit, True, notes
+    base_dir = await asyncio.to_thread(checkout_tree, repo, commit, dest)
+    source = _source_in(base_dir, rel)
+    if source is None:
+        notes.append(f"there is no hive at {rel or '.'} in the base commit: every node is new")
+        return SideEval((), {}), False, notes
+    try:
+        side = await _evaluate_side(source, flags, selector, settings)
+    except HiveError as e:
+        notes.append(f"base: {e.message}")
+        return None, False, notes
+    if path is not None and all(n.error is None for n in side.nodes.values()):
+        await asyncio.to_thread(cache.store, path, side)
+    return side, False, notes
+
+
+def _compare(head: SideEval, base: SideEval | None) -> tuple[NodeChange, ...]:
+    out: list[NodeChange] = []
+    base_names = set(base.names) if base is not None else set()
+    for name in sorted({*head.names, *base_names}):
+        h = head.nodes.get(name) if name in head.names else None
+        b = base.nodes.get(name) if base is not None and name in base_names else None
+        if h is None:
+            assert b is not None
+            out.append(
+                NodeChange(
+                    name, "removed", "node removed", base_drv=b.drv_path, base_out=b.out_path
+                )
+            )
+            continue
+        kind: Kind
+        if base is None:
+            kind, reason = "changed", "base unknown: treated as changed"
+        elif b is None:
+            kind, reason = "added", "new node"
+        elif h.error is not None:
+            kind, reason = "changed", f"does not evaluate at head: {h.error}"
+        elif b.error is not None:
+            kind, reason = "changed", f"did not evaluate at base ({b.error}); evaluates at head"
+        elif h.drv_path != b.drv_path:
+            kind, reason = "changed", "system derivation changed"
+        else:
+            kind, reason = "unchanged", "same system derivation"
+        out.append(
+            NodeChange(
+                name,
+                kind,
+                reason,
+                base_drv=b.drv_path if b else None,
+                head_drv=h.drv_path,
+                head_out=h.out_path,
+                base_out=b.out_path if b else None,
+                error=h.error,
+                detail=h.detail,
+            )
+        )
+    return tuple(out)
+
+
+# -- package diff and closure size ----------------------------------------------------------
+
+_STORE_NAME = re.compile(r"^[0-9a-z]{32}-(?P<name>.+)$")
+
+
+def parse_drv_name(name: str) -> tuple[str, str]:
+    """(pname, version) the way Nix's `builtins.parseDrvName` splits a name.
+
+    The version starts after the first `-` that is followed by a character that is
+    not a letter: `hello-2.12` -> (hello, 2.12), `inotify-tools-4.23.9.0` ->
+    (inotify-tools, 4.23.9.0), `etc-hosts` -> (etc-hosts, "").
+    """
+    for i, ch in enumerate(name):
+        if ch == "-" and i + 1 < len(name) and not name[i + 1].isalpha():
+            return name[:i], name[i + 1 :]
+    return name, ""
+
+
+def store_path_name(path: str) -> str | None:
+    """The name part of a store path (without hash and `.drv`), or None."""
+    match = _STORE_NAME.match(Path(path).name)
+    if match is None:
+        return None
+    return match.group("name").removesuffix(".drv")
+
+
+def packages_of(drv_closure: Sequence[str]) -> dict[str, set[str]]:
+    """pname -> versions of the versioned derivations in a derivation closure.
+
+    Derivations without a version (`etc-hosts`, `unit-sshd.service`, builders'
+    helper files) are left out: they are not packages a reader would look for.
+    """
+    out: dict[str, set[str]] = {}
+    for path in drv_closure:
+        if not path.endswith(".drv"):
+            continue
+        name = store_path_name(path)
+        if name is None:
+            continue
+        pname, version = parse_drv_name(name)
+        if version:
+            out.setdefault(pname, set()).add(version)
+    return out
+
+
+def diff_packages(base_closure: Sequence[str], head_closure: Sequence[str]) -> PackageDiff:
+    base, head = packages_of(base_closure), packages_of(head_closure)
+    changed: list[PackageChange] = []
+    added: list[PackageChange] = []
+    removed: list[PackageChange] = []
+    for pname in sorted({*base, *head}):
+        old, new = base.get(pname), head.get(pname)
+        if old is None and new is not None:
+            added.append(PackageChange(pname, None, ", ".join(sorted(new))))
+        elif new is None and old is not None:
+            removed.append(PackageChange(pname, ", ".join(sorted(old)), None))
+        elif old is not None and new is not None and old != new:
+            changed.append(PackageChange(pname, ", ".join(sorted(old)), ", ".join(sorted(new))))
+    b = {p for p in base_closure if p.endswith(".drv")}
+    h = {p for p in head_closure if p.endswith(".drv")}
+    return PackageDiff(
+        tuple(changed), tuple(added), tuple(removed), len(b), len(h), len(b - h), len(h - b)
+    )
+
+
+async def package_diff(base_drv: str, head_drv: str) -> PackageDiff:
+    """The package diff of two system derivations, from their derivation closures.
+
+    Needs both `.drv` files in the local store (evaluation writes them), not the
+    outputs: the base never has to be built.
+    """
+    base_closure, head_closure = await asyncio.gather(nix.closure(base_drv), nix.closure(head_drv))
+    return diff_packages(base_closure, head_closure)
+
+
+async def _valid(paths: Sequence[str]) -> bool:
+    done = await process.run(["nix-store", "--check-validity", *paths], timeout=60)
+    return done.ok
+
+
+async def _closure_stats(out_path: str | None) -> tuple[int | None, int | None]:
+    """(NAR size, path count) of a runtime closure when the path is valid here."""
+    if out_path is None or not await _valid([out_path]):
+        return None, None
+    try:
+        paths = await nix.closure(out_path)
+        return await nix.closure_size(paths), len(paths)
+    except NixError:
+        return None, None
+
+
+async def closure_delta(base_out: str | None, head_out: str | None) -> ClosureDelta:
+    (hs, hp), (bs, bp) = await asyncio.gather(_closure_stats(head_out), _closure_stats(base_out))
+    return ClosureDelta(hs, bs, hp, bp)
+
+
+# -- builds -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanBuildSettings:
+    jobs: int = 2  # concurrent builds
+    timeout: float = 3 * 3600.0
+    build: bool = True  # False: --no-build (package diffs still computed)
+    diff: bool = True  # package diffs and closure sizes
+
+
+async def _build(change: NodeChange, flags: NixFlags, settings: PlanBuildSettings) -> NodeResult:
+    eval_stage = StageResult(Stage.EVAL, Status.OK, 0.0)
+    assert change.head_drv is not None
+    start, started_at = time.monotonic(), time.time()
+    try:
+        await nix.realise([change.head_drv], flags, timeout=settings.timeout)
+    except NixError as e:
+        failed = StageResult(
+            Stage.BUILD,
+            Status.FAILED,
+            time.monotonic() - start,
+            e.summary,
+            e.detail,
+            started_at,
+        )
+        return NodeResult(change.name, (eval_stage, failed), change.head_drv)
+    ok = StageResult(
+        Stage.BUILD, Status.OK, time.monotonic() - start, change.head_out or "", "", started_at
+    )
+    return NodeResult(change.name, (eval_stage, ok), change.head_drv, change.head_out)
+
+
+async def build_and_diff(
+    plan: Plan, flags: NixFlags | None = None, settings: PlanBuildSettings | None = None
+) -> Plan:
+    """Build the changed and added nodes (unless `settings.build` is False) and add
+    package diffs and closure sizes to the changed ones."""
+    flags = flags or NixFlags()
+    settings = settings or PlanBuildSettings()
+    limit = asyncio.Semaphore(max(1, settings.jobs))
+
+    async def one(change: NodeChange) -> NodeChange:
+        if change.kind not in ("changed", "added") or change.error or change.head_drv is None:
+            return change
+        notes = list(change.notes)
+        build = None
+        if settings.build:
+            async with limit:
+                build = await _build(change, flags, settings)
+        packages = None
+        closure = None
+        if settings.diff and change.base_drv is not None:
+            if await _valid([change.base_drv]):
+                try:
+                    packages = await package_diff(change.base_drv, change.head_drv)
+                except NixError as e:
+                    notes.append(f"no package diff: {e.summary}")
+            else:
+                notes.append(
+                    "no package diff: the base derivation is not in this store "
+                    "(the base evaluation came from a cache written elsewhere)"
+                )
+        if settings.diff and build is not None and build.ok:
+            closure = await closure_delta(change.base_out, change.head_out)
+        return replace(change, build=build, packages=packages, closure=closure, notes=tuple(notes))
+
+    nodes = await asyncio.gather(*(one(n) for n in plan.nodes))
+    return replace(plan, nodes=tuple(nodes))
+
+
+# -- reports ----------------------------------------------------------------------------------
+
+
+def _short(commit: str | None) -> str:
+    return commit[:12] if commit else "unknown"
+
+
+def _signed_bytes(n: int) -> str:
+    return ("+" if n >= 0 else "-") + human_bytes(abs(n))
+
+
+def _closure_text(c: ClosureDelta) -> str:
+    if c.head_size is None:
+        return "closure size unknown"
+    head = f"{human_bytes(c.head_size)} in {c.head_paths} paths"
+    if c.size_delta is None:
+        return f"closure {head}; base size unknown (the base system is not built here)"
+    return (
+        f"closure {head} ({_signed_bytes(c.size_delta)}, {c.paths_delta:+d} paths against the base)"
+    )
+
+
+def plan_markdown(plan: Plan) -> str:
+    """The plan as GitHub/GitLab-flavoured markdown (step summary, MR comment)."""
+    head = f"`{_short(plan.head)}`"
+    base = f"`{_short(plan.base)}`" if plan.base else "an unknown base"
+    affected = plan.affected
+    lines = [f"## waggle plan: {base} → {head}", ""]
+    if plan.skipped_reason:
+        lines += [f"No node changes: {escape(plan.skipped_reason)}.", ""]
+    else:
+        counts = {
+            k: sum(1 for n in plan.nodes if n.kind == k) for k in (*AFFECTED_KINDS, "unchanged")
+        }
+        summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+        lines += [
+            f"**{len(affected)} of {len(plan.nodes)} nodes affected** ({summary or 'no nodes'}).",
+            "",
+        ]
+    if plan.all_affected_reason:
+        lines += [f"> **Note:** {escape(plan.all_affected_reason)}.", ""]
+    if plan.failed:
+        lines += [
+            f"**{len(plan.failed)} node(s) failed:** "
+            + ", ".join(code(n.name) for n in plan.failed),
+            "",
+        ]
+    if plan.nodes:
+        lines += ["| node | change | why | build |", "|---|---|---|---|"]
+        for n in sorted(plan.nodes, key=lambda n: (not n.affected, n.name)):
+            if n.build is None:
+                built = "failed to evaluate" if n.error else ("not built" if n.affected else "")
+            elif n.build.ok:
+                built = "ok"
+            else:
+                built = "failed: " + escape(
+                    (n.build.failure.message if n.build.failure else ""), 200
+                )
+            lines.append(f"| {escape(n.name)} | {n.kind} | {escape(n.reason, 300)} | {built} |")
+        lines.append("")
+    for n in affected:
+        if not (n.packages or n.closure or n.notes or n.error):
+            continue
+        lines += [f"### {escape(n.name)}", ""]
+        if n.error:
+            lines += ["```", clean_text(n.detail or n.error).strip()[-3000:], "```", ""]
+        if n.packages is not None:
+            if n.packages.entries:
+                lines += [f"- {code(p.describe())}" for p in n.packages.entries]
+            else:
+                lines.append("- no package version changes")
+            lines.append(
+                f"- derivations: {n.packages.drvs_only_head} new, {n.packages.drvs_only_base} gone"
+            )
+        if n.closure is not None:
+            lines.append(f"- {_closure_text(n.closure)}")
+        lines += [f"- {escape(note)}" for note in n.notes]
+        lines.append("")
+    if plan.changed_paths:
+        shown = plan.changed_paths[:50]
+        ignored = set(plan.ignored_paths)
+        lines += [
+            f"<details><summary>{len(plan.changed_paths)} changed paths</summary>",
+            "",
+        ]
+        lines += [f"- {code(c.describe())}" + (" (ignored)" if c in ignored else "") for c in shown]
+        if len(plan.changed_paths) > len(shown):
+            lines.append(f"- … and {len(plan.changed_paths) - len(shown)} more")
+        lines += ["", "</details>", ""]
+    if plan.notes:
+        lines += [f"_{escape(note)}_  " for note in plan.notes]
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _change_json(c: PackageChange) -> dict[str, str | None]:
+    return {"name": c.name, "old": c.old, "new": c.new}
+
+
+def plan_json(plan: Plan) -> dict[str, Any]:
+    """The plan as JSON-ready data (`--json`); affected nodes first, by name."""
+
+    def node(n: NodeChange) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": n.name,
+            "kind": n.kind,
+            "reason": n.reason,
+            "base_drv": n.base_drv,
+            "head_drv": n.head_drv,
+            "base_out": n.base_out,
+            "head_out": n.head_out,
+            "error": n.error,
+            "built": None if n.build is None else n.build.ok,
+            "build_error": (
+                n.build.failure.message if n.build is not None and n.build.failure else None
+            ),
+            "packages": None,
+            "closure": None,
+            "notes": list(n.notes),
+        }
+        if n.packages is not None:
+            out["packages"] = {
+                "changed": [_change_json(c) for c in n.packages.changed],
+                "added": [_change_json(c) for c in n.packages.added],
+                "removed": [_change_json(c) for c in n.packages.removed],
+                "drvs_only_base": n.packages.drvs_only_base,
+                "drvs_only_head": n.packages.drvs_only_head,
+            }
+        if n.closure is not None:
+            out["closure"] = {
+                "head_size": n.closure.head_size,
+                "base_size": n.closure.base_size,
+                "size_delta": n.closure.size_delta,
+                "head_paths": n.closure.head_paths,
+                "base_paths": n.closure.base_paths,
+                "paths_delta": n.closure.paths_delta,
+            }
+        return out
+
+    return {
+        "hive": plan.hive,
+        "base_rev": plan.base_rev,
+        "head_rev": plan.head_rev,
+        "base": plan.base,
+        "head": plan.head,
+        "affected": [n.name for n in plan.affected],
+        "failed": [n.name for n in plan.failed],
+        "all_affected_reason": plan.all_affected_reason,
+        "skipped_reason": plan.skipped_reason,
+        "changed_paths": [
+            {
+                "status": c.status,
+                "old_path": c.old_path,
+                "new_path": c.new_path,
+                "ignored": c in plan.ignored_paths,
+            }
+            for c in plan.changed_paths
+        ],
+        "ignore": list(plan.ignore),
+        "nodes": [node(n) for n in sorted(plan.nodes, key=lambda n: (not n.affected, n.name))],
+        "notes": list(plan.notes),
+        "evaluations": plan.evaluations,
+        "base_cached": plan.base_cached,
+        "seconds": round(plan.seconds, 3),
+    }
+
+
+def plan_junit(plan: Plan) -> str:
+    """JUnit XML: one test case per affected node (classname `waggle.plan`).
+
+    Passed when it evaluated (and built, when built); a failure carrying Nix's message
+    when evaluation or the build failed; removed nodes are skipped ("node removed").
+    """
+    cases: list[Any] = []
+    for n in plan.affected:
+        seconds = n.build.stages[-1].seconds if n.build is not None else 0.0
+        case = TestCase(one_line(n.name, 300), classname=PLAN_CLASSNAME, elapsed_sec=seconds)
+        if n.kind == "removed":
+            case.add_skipped_info(message="node removed")
+        elif n.error is not None:
+            case.add_failure_info(
+                message=one_line(n.error, 1000),
+                output=log_tail(n.detail) or n.error,
+                failure_type="waggle.eval",
+            )
+        elif n.build is not None and n.build.failure is not None:
+            failure = n.build.failure
+            case.add_failure_info(
+                message=one_line(failure.message, 1000) or "build failed",
+                output=log_tail(failure.detail) or failure.message,
+                failure_type="waggle.build",
+            )
+        else:
+            out = [f"{n.kind}: {n.reason}"]
+            if n.packages is not None:
+                out += [p.describe() for p in n.packages.entries]
+            case.stdout = clean_text("\n".join(out))
+        cases.append(case)
+    properties = {"hive": one_line(plan.hive), "head": plan.head}
+    if plan.base:
+        properties["base"] = plan.base
+    if plan.all_affected_reason:
+        properties["note"] = one_line(plan.all_affected_reason)
+    suite = TestSuite(one_line(f"waggle plan {plan.hive}"), cases, properties=properties)
+    return str(to_xml_report_string([suite], prettyprint=True))
