@@ -1,0 +1,213 @@
+"""`waggle.yaml`: the settings of `waggle ci`, checked before anything runs.
+
+The file is optional. Without `--ci-config`, `load_config` looks for `waggle.yaml` in the
+start directory and its parents, stopping at the repository root (the first directory holding
+`.git`). Every key is optional; an unknown key or a value of the wrong type is an error that
+names the key and the file (exit 2). Relative paths in the file are relative to the file's
+directory. Command-line flags override the file (`merge`).
+
+    hive: ./hive.nix            # hive.nix, a directory, a flake.nix or a flake reference
+    on: "@web,db-*"             # restrict every run to these nodes (waggle --on syntax)
+    deploy_branches: [main]     # pushes to these branches (globs) deploy; default: the
+                                # repository's default branch
+    deploy_drifted: true        # on deploy, also deploy nodes whose hosts drifted
+    ignore: ["docs/**", "*.md"] # changed paths that never make a node affected
+    cache_dir: .waggle-cache
+    dry_activate_on_pr: false   # plan: also run dry-activate on the changed nodes
+    comment: false              # plan: post/update one sticky PR/MR comment
+    comment_forks: false        # ... even on PRs from forks (explicit opt-in)
+    token_env: GITHUB_TOKEN     # the environment variable holding the forge API token
+    junit: waggle-junit.xml
+    report_md: waggle-report.md
+    outputs_dotenv: waggle.env  # GitLab: write the outputs as a dotenv artifact
+    parallel: 10
+    eval_node_limit: auto       # auto, or a number (0: all nodes in one evaluator)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from runner.errors import UsageError
+
+CONFIG_NAME = "waggle.yaml"
+
+
+class ConfigError(UsageError):
+    """`waggle.yaml` cannot be read or holds a bad key or value (exit 2)."""
+
+
+@dataclass(frozen=True)
+class CiConfig:
+    """The settings of `waggle ci`; every field has a default, so `CiConfig()` is valid."""
+
+    hive: str | None = None
+    on: str | None = None
+    deploy_branches: tuple[str, ...] | None = None  # None: the default branch
+    deploy_drifted: bool = True
+    ignore: tuple[str, ...] = ()
+    cache_dir: Path | None = None
+    dry_activate_on_pr: bool = False
+    comment: bool = False
+    comment_forks: bool = False
+    token_env: str | None = None
+    junit: Path | None = None
+    report_md: Path | None = None
+    outputs_dotenv: Path | None = None
+    parallel: int | None = None
+    eval_node_limit: str | None = None  # "auto" or a number as text, like --eval-node-limit
+    source: Path | None = None  # the file these settings came from, if any
+
+
+# -- value checks: (value, base directory for relative paths) -> typed value ----------------
+
+
+class _BadValueError(Exception):
+    """A value of the wrong type or range; the message says what was expected."""
+
+
+def _str(value: object, _base: Path | None) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _BadValueError("must be a non-empty string")
+    return value
+
+
+def _str_list(value: object, _base: Path | None) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(v, str) and v.strip() for v in value
+    ):
+        raise _BadValueError("must be a list of non-empty strings")
+    return tuple(value)
+
+
+def _bool(value: object, _base: Path | None) -> bool:
+    if not isinstance(value, bool):
+        raise _BadValueError("must be true or false")
+    return value
+
+
+def _path(value: object, base: Path | None) -> Path:
+    if isinstance(value, Path):
+        path = value
+    elif isinstance(value, str) and value.strip():
+        path = Path(value).expanduser()
+    else:
+        raise _BadValueError("must be a path (a non-empty string)")
+    return base / path if base is not None and not path.is_absolute() else path
+
+
+def _hive(value: object, base: Path | None) -> str:
+    text = str(value) if isinstance(value, Path) else _str(value, base)
+    if base is None or ":" in text or "#" in text:  # a flake reference stays as written
+        return text
+    return str(_path(text, base))
+
+
+def _count(value: object, _base: Path | None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _BadValueError("must be a whole number, 0 or more")
+    return value
+
+
+def _node_limit(value: object, _base: Path | None) -> str:
+    if isinstance(value, str) and value.strip() == "auto":
+        return "auto"
+    if isinstance(value, str) and value.strip().isdigit():
+        return str(int(value))
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return str(value)
+    raise _BadValueError("must be auto or a whole number, 0 or more")
+
+
+_KEYS: dict[str, Callable[[object, Path | None], Any]] = {
+    "hive": _hive,
+    "on": _str,
+    "deploy_branches": _str_list,
+    "deploy_drifted": _bool,
+    "ignore": _str_list,
+    "cache_dir": _path,
+    "dry_activate_on_pr": _bool,
+    "comment": _bool,
+    "comment_forks": _bool,
+    "token_env": _str,
+    "junit": _path,
+    "report_md": _path,
+    "outputs_dotenv": _path,
+    "parallel": _count,
+    "eval_node_limit": _node_limit,
+}
+KNOWN_KEYS = tuple(_KEYS)
+
+
+def find_config(start: Path) -> Path | None:
+    """`waggle.yaml` in `start` or a parent, up to the repository root (holding `.git`)."""
+    here = start.resolve()
+    for directory in (here, *here.parents):
+        candidate = directory / CONFIG_NAME
+        if candidate.is_file():
+            return candidate
+        if (directory / ".git").exists():
+            return None
+    return None
+
+
+def load_config(path: Path | None, *, search_from: Path) -> CiConfig:
+    """The settings in `path` (which must exist), or in the `waggle.yaml` found from
+    `search_from` (see `find_config`); defaults if there is none."""
+    if path is None:
+        path = find_config(search_from)
+        if path is None:
+            return CiConfig()
+    elif not path.is_file():
+        raise ConfigError(f"{path}: no such settings file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if data is None:
+        return CiConfig(source=path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a mapping of settings, not {type(data).__name__}")
+    return _apply(CiConfig(source=path), data, base=path.parent, where=str(path))
+
+
+def merge(config: CiConfig, overrides: Mapping[str, object]) -> CiConfig:
+    """`config` with each non-None value of `overrides` (flags, keyed like the file, `-` or
+    `_`) in place of the file's; values are checked as the file's are. Relative paths in
+    flags stay relative to the working directory."""
+    given = {k.replace("-", "_"): v for k, v in overrides.items() if v is not None}
+    return _apply(config, given, base=None, where="command line")
+
+
+def _apply(
+    config: CiConfig, data: Mapping[Any, object], *, base: Path | None, where: str
+) -> CiConfig:
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        # YAML 1.1 reads a bare `on:` key as the boolean true (as in GitHub workflows)
+        name = "on" if key is True else str(key)
+        check = _KEYS.get(name)
+        if check is None:
+            known = ", ".join(KNOWN_KEYS)
+            raise ConfigError(f"{where}: unknown setting {name!r} (known: {known})")
+        try:
+            changes[name] = check(value, base)
+        except _BadValueError as e:
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise ConfigError(f"{where}: setting {name!r} {e} (got {shown})") from None
+    return dataclasses.replace(config, **changes)
