@@ -47,6 +47,7 @@ from runner.evaluate import EvalRun, EvalSettings, MemoryBudget, parse_size
 from runner.events import Sink
 from runner.exec import run_everywhere
 from runner.gitinfo import head_commit
+from runner.gitops.changed import select_changed
 from runner.gitops.plan import (
     DEFAULT_IGNORE,
     PlanBuildSettings,
@@ -217,6 +218,32 @@ def _report_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _change_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--changed-since",
+        metavar="REV",
+        help="deploy only nodes this git change affects, plus drifted hosts",
+    )
+    p.add_argument(
+        "--ignore",
+        action="append",
+        metavar="GLOB",
+        help="paths whose changes affect no node (repeatable; default: **/*.md, "
+        "docs/**, .github/**)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="cache base evaluations here (keyed by tree id and Nix version)",
+    )
+    p.add_argument(
+        "--no-drift",
+        action="store_true",
+        help="with --changed-since: do not check unaffected hosts for drift",
+    )
+
+
 def _ssh_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ssh-config",
@@ -346,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     _build_options(p)
     _deploy_options(p)
     _report_options(p)
+    _change_options(p)
 
     p = add(
         "upload-keys", "upload the selected nodes' deployment.keys (all of them) and nothing else"
@@ -646,15 +674,49 @@ def _print_deploy(results: Sequence[NodeResult]) -> None:
 
 
 async def cmd_apply(ns: argparse.Namespace, *, goal: Goal | None = None) -> int:
+    summary = await _run_apply(ns, goal)
+    return EXIT_OK if summary.ok else EXIT_NODES_FAILED
+
+
+async def _run_apply(ns: argparse.Namespace, goal: Goal | None = None) -> RunSummary:
+    """Evaluate, build and (for deploying goals) deploy; print and write the reports."""
     if goal is None:
         goal = Goal(ns.goal) if ns.goal else (Goal.BOOT if ns.reboot else Goal.SWITCH)
     started_at, start = time.time(), time.monotonic()
     eval_settings = _eval_settings(ns) if goal is not Goal.UPLOAD_KEYS else EvalSettings()
     hive, selection = await _hive_for_run(ns, goal)
     build_settings = _build_settings(ns, hive) if goal is not Goal.UPLOAD_KEYS else BuildSettings()
+    left_alone: list[NodeResult] = []
+    changed_since = getattr(ns, "changed_since", None)
+    if changed_since is not None and goal is not Goal.UPLOAD_KEYS:
+        changes = await select_changed(
+            hive,
+            hive_path_of(hive.source),
+            changed_since,
+            selection.names,
+            selection.configs,
+            selector=parse_on(ns.on) if ns.on is not None else None,
+            ignore=tuple(ns.ignore) if ns.ignore else DEFAULT_IGNORE,
+            cache_dir=ns.cache_dir,
+            flags=hive.flags,
+            eval_settings=eval_settings,
+            ssh=_ssh_settings(ns),
+            parallel=ns.parallel,
+            drift=goal.activates and not ns.no_drift,
+        )
+        for node, why in changes.deploy.items():
+            log.info("%s: deploying (%s)", node, why)
+        log.info("%d node(s) unchanged since %s", len(changes.unchanged), changed_since)
+        left_alone = changes.unchanged_results(started_at)
+        chosen = [n for n in selection.names if n in changes.deploy]
+        selection = Selection(
+            chosen, {n: selection.configs[n] for n in chosen}, selection.all_names
+        )
     on_target = ns.build_on_target
-    nodes: Sequence[NodeResult]
-    if goal is Goal.BUILD and not (
+    nodes: list[NodeResult] = []
+    if not selection.names:
+        pass  # nothing changed: nothing to evaluate, build or deploy
+    elif goal is Goal.BUILD and not (
         on_target
         or (on_target is None and any(c.build_on_target for c in selection.configs.values()))
     ):
@@ -664,7 +726,7 @@ async def cmd_apply(ns: argparse.Namespace, *, goal: Goal | None = None) -> int:
                 hive, selection.names, eval_settings, build_settings, events=out
             )
             _log_evaluation(built.evaluation)
-        nodes = built.nodes
+        nodes = list(built.nodes)
     else:
         settings = _deploy_settings(ns, goal, hive)
         with _progress(ns, selection.names, plain=goal is Goal.DRY_ACTIVATE) as out:
@@ -679,11 +741,14 @@ async def cmd_apply(ns: argparse.Namespace, *, goal: Goal | None = None) -> int:
             )
             if run.build is not None:
                 _log_evaluation(run.build.evaluation)
-        nodes = run.nodes
+        nodes = list(run.nodes)
+    order = {n: i for i, n in enumerate(selection.all_names)}
+    nodes = sorted([*nodes, *left_alone], key=lambda r: order.get(r.name, len(order)))
     if goal is Goal.BUILD:
         _print_results(nodes)
     else:
         _print_deploy(nodes)
+    taken = {r.name for r in nodes}
     summary = RunSummary(
         command=f"{ns.command} {goal}" if ns.command == "apply" else str(ns.command),
         goal=str(goal),
@@ -695,10 +760,10 @@ async def cmd_apply(ns: argparse.Namespace, *, goal: Goal | None = None) -> int:
             goal, reboot=getattr(ns, "reboot", False), keys=not getattr(ns, "no_keys", False)
         ),
         nodes=tuple(nodes),
-        not_selected=tuple(n for n in selection.all_names if n not in selection.configs),
+        not_selected=tuple(n for n in selection.all_names if n not in taken),
     )
     _write_reports(ns, summary)
-    return EXIT_OK if summary.ok else EXIT_NODES_FAILED
+    return summary
 
 
 def _write_reports(ns: argparse.Namespace, summary: RunSummary) -> None:
