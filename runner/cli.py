@@ -47,7 +47,9 @@ from runner.evaluate import EvalRun, EvalSettings, MemoryBudget, parse_size
 from runner.events import Sink
 from runner.exec import run_everywhere
 from runner.gitinfo import head_commit
+from runner.gitops import ci, comments
 from runner.gitops.changed import select_changed
+from runner.gitops.config import load_config, merge
 from runner.gitops.plan import (
     DEFAULT_IGNORE,
     PlanBuildSettings,
@@ -415,6 +417,31 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_options(p)
     _build_options(p)
     _report_options(p)
+
+    p = add(
+        "ci",
+        "run as a CI step: plan on pull requests, deploy changes on pushes to a "
+        "deploy branch, build otherwise (settings in waggle.yaml)",
+    )
+    p.add_argument(
+        "--ci-config",
+        type=Path,
+        metavar="FILE",
+        help="waggle.yaml to use (default: searched upward from here)",
+    )
+    p.add_argument(
+        "--comment",
+        action="store_true",
+        default=None,
+        help="post the plan as a sticky PR/MR comment (token from the environment)",
+    )
+    p.add_argument("--no-comment", dest="comment", action="store_false")
+    _selection_options(p)
+    _eval_options(p)
+    _build_options(p)
+    _deploy_options(p)
+    _report_options(p)
+    _change_options(p)
 
     p = add("exec", "run a command on the selected nodes; output grouped per node")
     _selection_options(p)
@@ -834,6 +861,102 @@ async def cmd_plan(ns: argparse.Namespace) -> int:
     return EXIT_OK if plan.ok else EXIT_NODES_FAILED
 
 
+async def cmd_ci(ns: argparse.Namespace) -> int:
+    config = merge(
+        load_config(ns.ci_config, search_from=Path.cwd()),
+        {
+            "on": ns.on,
+            "junit": ns.junit,
+            "report_md": ns.report_md,
+            "comment": ns.comment,
+            "cache_dir": ns.cache_dir,
+            "ignore": tuple(ns.ignore) if ns.ignore else None,
+        },
+    )
+    context = ci.detect(os.environ)
+    chosen = ci.mode(context, config)
+    print(f"waggle ci: {ci.mode_reason(context, config)}", file=sys.stderr, flush=True)
+    # The file's settings fill in what no flag gave.
+    if config.hive and _opt(ns, "config") is None:
+        ns.config = config.hive
+    ns.on = config.on
+    ns.junit, ns.report_md = config.junit, config.report_md
+    ns.cache_dir = config.cache_dir
+    ns.ignore = list(config.ignore) or None
+    if config.parallel is not None:
+        ns.parallel = config.parallel
+    if config.eval_node_limit is not None and ns.eval_node_limit == "auto":
+        ns.eval_node_limit = config.eval_node_limit
+    failed: list[tuple[str, str]]
+    if chosen == "plan":
+        source = locate(_opt(ns, "config"), Path.cwd())
+        flags = _nix_flags(ns)
+        plan = await compute_plan(
+            hive_path_of(source),
+            context.base,
+            None,
+            selector=parse_on(ns.on) if ns.on else None,
+            ignore=tuple(ns.ignore) if ns.ignore else DEFAULT_IGNORE,
+            cache_dir=ns.cache_dir,
+            flags=flags,
+            eval_settings=_eval_settings(ns),
+        )
+        plan = await build_and_diff(
+            plan, flags, PlanBuildSettings(jobs=max(1, ns.build_jobs), timeout=ns.build_timeout)
+        )
+        text = plan_markdown(plan)
+        print(text)
+        try:
+            for path, content in ((ns.report_md, text), (ns.junit, plan_junit(plan))):
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(content)
+            step_summary = markdown.step_summary_path(os.environ)
+            if step_summary is not None:
+                markdown.append_step_summary(text, step_summary)
+        except OSError as e:
+            raise ReportError(f"cannot write a report: {e.filename}: {e.strerror}") from e
+        if config.comment:
+            token = comments.token_from_env(context, os.environ, config.token_env)
+            if token is None:
+                log.warning("no API token in the environment: the plan is not posted")
+            else:
+                try:
+                    outcome = comments.upsert_comment(
+                        context,
+                        text,
+                        token=token.value,
+                        token_header=token.header,
+                        allow_fork=config.comment_forks,
+                    )
+                    log.warning("plan comment %s", outcome)
+                except WaggleError as e:  # the plan itself stands
+                    log.warning("plan comment failed: %s", e.message)
+        affected = [n.name for n in plan.affected]
+        failed = [(n.name, n.error or "build failed") for n in plan.failed]
+        outputs = ci.node_outputs(chosen, affected, [], [n for n, _ in failed])
+        ok = plan.ok
+    else:
+        ns.goal = "switch" if chosen == "deploy" else "build"
+        ns.changed_since = (context.base or "0" * 40) if chosen == "deploy" else None
+        ns.no_drift = not config.deploy_drifted
+        summary = await _run_apply(ns)
+        failed = ci.failed_nodes(summary)
+        moved = [r.name for r in summary.nodes if r.ok and not _untouched(r)]
+        outputs = ci.node_outputs(
+            chosen, moved, moved if chosen == "deploy" else [], [n for n, _ in failed]
+        )
+        ok = summary.ok
+    for line in ci.annotations(failed, context.provider):
+        print(line, flush=True)
+    ci.write_outputs(context, outputs, os.environ, dotenv=config.outputs_dotenv)
+    return EXIT_OK if ok else EXIT_NODES_FAILED
+
+
+def _untouched(result: NodeResult) -> bool:
+    return any(st.status is Status.SKIPPED for st in result.stages)
+
+
 async def cmd_upload_keys(ns: argparse.Namespace) -> int:
     return await cmd_apply(ns, goal=Goal.UPLOAD_KEYS)
 
@@ -1023,6 +1146,7 @@ COMMANDS = {
     "build": cmd_build,
     "apply": cmd_apply,
     "upload-keys": cmd_upload_keys,
+    "ci": cmd_ci,
     "plan": cmd_plan,
     "exec": cmd_exec,
     "apply-local": cmd_apply_local,

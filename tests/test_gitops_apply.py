@@ -73,3 +73,100 @@ def test_changed_since_deploys_affected_and_drifted(fleet, tmp_path):
     assert outcome(done) == {"host1": "unchanged", "host2": "unchanged", "host3": "ok"}
     assert "host3: deploying (drift" in done.stderr
     assert fleet["host3"].resolve("/etc/v").read_text() == "host3 one"
+
+
+def rev(cwd, what="HEAD") -> str:
+    return subprocess.run(
+        ["git", "rev-parse", what], cwd=cwd, check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def github_env(tmp_path, event_name: str, event: dict, sha: str, ref_name: str) -> dict[str, str]:
+    import json
+    import os
+
+    event_path = tmp_path / "event.json"
+    event_path.write_text(json.dumps(event))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("GITHUB_", "GITLAB", "CI_", "DRONE"))
+    }
+    env.update(
+        {
+            "CI": "true",
+            "GITHUB_ACTIONS": "true",
+            "GITHUB_EVENT_NAME": event_name,
+            "GITHUB_EVENT_PATH": str(event_path),
+            "GITHUB_SHA": sha,
+            "GITHUB_REF_NAME": ref_name,
+            "GITHUB_REPOSITORY": "acme/fleet",
+            "GITHUB_OUTPUT": str(tmp_path / "output.txt"),
+            "GITHUB_STEP_SUMMARY": str(tmp_path / "summary.md"),
+        }
+    )
+    return env
+
+
+def run_ci(cwd, env, *args):
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "runner", "ci", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def test_ci_push_deploys_only_affected_and_pr_only_plans(fleet, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    write_hive(repo, HIVE)
+    for n in ("host1", "host2", "host3"):
+        (repo / f"{n}.nix").write_text(f'{{ environment.etc.v.text = "{n} ci-one"; }}\n')
+    (repo / "waggle.yaml").write_text("junit: reports/junit.xml\nreport_md: reports/report.md\n")
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "one")
+    ssh = ["--ssh-config", str(fleet.ssh_config)]
+    assert waggle("apply", *ssh, cwd=repo).returncode == 0
+    before = rev(repo)
+    (repo / "host1.nix").write_text('{ environment.etc.v.text = "host1 ci-two"; }\n')
+    git(repo, "commit", "-qam", "two")
+    after = rev(repo)
+
+    # A pull request: plan only, nothing activated.
+    pr = {
+        "pull_request": {
+            "number": 7,
+            "base": {"sha": before, "repo": {"full_name": "acme/fleet"}},
+            "head": {"sha": after, "repo": {"full_name": "acme/fleet"}},
+        },
+        "repository": {"full_name": "acme/fleet", "default_branch": "main"},
+    }
+    done = run_ci(repo, github_env(tmp_path, "pull_request", pr, after, "7/merge"), *ssh)
+    assert done.returncode == 0, done.stderr
+    assert "plan only" in done.stderr
+    assert fleet["host1"].resolve("/etc/v").read_text() == "host1 ci-one"
+    outputs = (tmp_path / "output.txt").read_text()
+    assert "affected-nodes=host1" in outputs and "mode=plan" in outputs
+    assert "host1" in (tmp_path / "summary.md").read_text()
+
+    # The push to main: host1 deployed, the others left alone.
+    (tmp_path / "output.txt").unlink()
+    push = {
+        "before": before,
+        "after": after,
+        "repository": {"full_name": "acme/fleet", "default_branch": "main"},
+    }
+    done = run_ci(repo, github_env(tmp_path, "push", push, after, "main"), *ssh)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert outcome(done) == {"host1": "ok", "host2": "unchanged", "host3": "unchanged"}
+    assert fleet["host1"].resolve("/etc/v").read_text() == "host1 ci-two"
+    outputs = (tmp_path / "output.txt").read_text()
+    assert "mode=deploy" in outputs and "deployed=host1" in outputs
+    assert (repo / "reports" / "junit.xml").exists() and (repo / "reports" / "report.md").exists()
