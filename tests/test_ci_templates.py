@@ -9,7 +9,6 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from runner.cli import build_parser
@@ -218,17 +217,9 @@ def test_pending_subcommand_lines_have_known_flag_shapes():
             i += 1
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="`waggle ci`/`waggle plan` are wired into runner.cli by the lead later; until then "
-    "these template lines cannot parse",
-)
 def test_pending_subcommand_lines_parse():
     parser = build_parser()
     known = subcommands(parser)
     pending = [(p, line) for p, line in command_lines() if split(p, line)[0] not in known]
-    for path, line in pending:
-        try:
-            parser.parse_args(split(path, line))
-        except SystemExit as e:
-            pytest.fail(f"{path}: {line!r} does not parse (exit {e.code})")
+    # Every subcommand the templates use exists (waggle ci, waggle plan, ...).
+    assert pending == []

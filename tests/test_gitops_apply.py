@@ -81,7 +81,9 @@ def rev(cwd, what="HEAD") -> str:
     ).stdout.strip()
 
 
-def github_env(tmp_path, event_name: str, event: dict, sha: str, ref_name: str) -> dict[str, str]:
+def github_env(
+    tmp_path, event_name: str, event: dict[str, object], sha: str, ref_name: str
+) -> dict[str, str]:
     import json
     import os
 
