@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import pytest
 
@@ -82,7 +82,7 @@ def rev(cwd, what="HEAD") -> str:
 
 
 def github_env(
-    tmp_path, event_name: str, event: dict[str, object], sha: str, ref_name: str
+    tmp_path, event_name: str, event: Mapping[str, object], sha: str, ref_name: str
 ) -> dict[str, str]:
     import json
     import os
