@@ -932,10 +932,17 @@ async def cmd_ci(ns: argparse.Namespace) -> int:
                     log.warning("plan comment %s", outcome)
                 except WaggleError as e:  # the plan itself stands
                     log.warning("plan comment failed: %s", e.message)
-        affected = [n.name for n in plan.affected]
+        affected = [n.name for n in plan.affected if n.kind != "removed"]
         failed = [(n.name, n.error or "build failed") for n in plan.failed]
-        outputs = ci.node_outputs(chosen, affected, [], [n for n, _ in failed])
         ok = plan.ok
+        if config.dry_activate_on_pr and affected and ok:
+            # Show on the hosts what activation would change; nothing is switched.
+            ns.goal, ns.on, ns.changed_since = "dry-activate", ",".join(affected), None
+            ns.junit = ns.report_md = ns.report_json = None  # the plan's reports stand
+            dry = await _run_apply(ns)
+            failed += ci.failed_nodes(dry)
+            ok = dry.ok
+        outputs = ci.node_outputs(chosen, affected, [], [n for n, _ in failed])
     else:
         ns.goal = "switch" if chosen == "deploy" else "build"
         ns.changed_since = (context.base or "0" * 40) if chosen == "deploy" else None

@@ -158,6 +158,21 @@ def test_ci_push_deploys_only_affected_and_pr_only_plans(fleet, tmp_path):
     assert "affected-nodes=host1" in outputs and "mode=plan" in outputs
     assert "host1" in (tmp_path / "summary.md").read_text()
 
+    # With dry_activate_on_pr the PR also dry-activates the affected host: still nothing switched.
+    log = fleet["host1"].path("/run/standin/activations.log")
+    dry_cfg = tmp_path / "dry.yaml"
+    dry_cfg.write_text("dry_activate_on_pr: true\n")
+    done = run_ci(
+        repo,
+        github_env(tmp_path, "pull_request", pr, after, "7/merge"),
+        "--ci-config",
+        str(dry_cfg),
+        *ssh,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert log.read_text().splitlines()[-1].startswith("dry-activate ")
+    assert fleet["host1"].resolve("/etc/v").read_text() == "host1 ci-one"
+
     # The push to main: host1 deployed, the others left alone.
     (tmp_path / "output.txt").unlink()
     push = {
