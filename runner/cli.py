@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -60,6 +61,7 @@ from runner.gitops.plan import (
     plan_junit,
     plan_markdown,
 )
+from runner.gitops.watch import WatchSettings, watch
 from runner.hive.discovery import locate
 from runner.hive.hive import Hive, nix_string
 from runner.hive.model import NodeConfig
@@ -442,6 +444,47 @@ def build_parser() -> argparse.ArgumentParser:
     _deploy_options(p)
     _report_options(p)
     _change_options(p)
+
+    p = add("watch", "poll a git ref and deploy each new head (pull-based GitOps from one machine)")
+    p.add_argument(
+        "--repo",
+        type=Path,
+        default=Path("."),
+        metavar="PATH",
+        help="the clone to fetch into (default: .)",
+    )
+    p.add_argument("--remote", default="origin", help="the remote to fetch (default origin)")
+    p.add_argument("--ref", default="main", help="the branch to follow (default main)")
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds between fetches (default 60)",
+    )
+    p.add_argument("--fetch-timeout", type=float, default=120.0, metavar="SECONDS")
+    p.add_argument(
+        "--reports-dir",
+        type=Path,
+        metavar="DIR",
+        help="write JUnit, markdown and JSON reports per deployed commit here",
+    )
+    p.add_argument(
+        "--metrics-file",
+        type=Path,
+        metavar="PATH",
+        help="a Prometheus textfile (for node_exporter's textfile collector)",
+    )
+    p.add_argument(
+        "--allow-non-descendant",
+        action="store_true",
+        help="deploy a force-pushed head that does not descend from the last one",
+    )
+    p.add_argument("--once", action="store_true", help="one fetch and deploy, then exit")
+    _selection_options(p)
+    _eval_options(p)
+    _build_options(p)
+    _deploy_options(p)
 
     p = add("exec", "run a command on the selected nodes; output grouped per node")
     _selection_options(p)
@@ -964,6 +1007,57 @@ def _untouched(result: NodeResult) -> bool:
     return any(st.status is Status.SKIPPED for st in result.stages)
 
 
+async def cmd_watch(ns: argparse.Namespace) -> int:
+    settings = WatchSettings(
+        repo=ns.repo.resolve(),
+        remote=ns.remote,
+        ref=ns.ref,
+        interval=ns.interval,
+        reports_dir=ns.reports_dir,
+        metrics_file=ns.metrics_file,
+        allow_non_descendant=ns.allow_non_descendant,
+        once=ns.once,
+        fetch_timeout=ns.fetch_timeout,
+    )
+    repo_root = ns.repo.resolve()
+    hive_arg = _opt(ns, "config")
+    if hive_arg is not None and not Path(hive_arg).is_absolute():
+        hive_arg = str((Path.cwd() / hive_arg).resolve().relative_to(repo_root))
+
+    async def deploy_commit(sha: str, tree: Path) -> RunSummary:
+        each = argparse.Namespace(**vars(ns))
+        each.config = str(tree / hive_arg) if hive_arg is not None else str(locate(None, tree).ref)
+        each.goal, each.changed_since = "switch", None
+        each.junit = each.report_md = each.report_json = None  # watch writes its own per commit
+        summary = await _run_apply(each, Goal.SWITCH)
+        return replace(summary, commit=sha)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        result = await watch(settings, deploy_commit, stop=stop)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    if received and received[-1] == signal.SIGINT:
+        return EXIT_INTERRUPTED
+    if ns.once:
+        return (
+            EXIT_OK
+            if result.ok and not result.fetch_errors and not result.refused
+            else EXIT_NODES_FAILED
+        )
+    return EXIT_OK
+
+
 async def cmd_upload_keys(ns: argparse.Namespace) -> int:
     return await cmd_apply(ns, goal=Goal.UPLOAD_KEYS)
 
@@ -1153,6 +1247,7 @@ COMMANDS = {
     "build": cmd_build,
     "apply": cmd_apply,
     "upload-keys": cmd_upload_keys,
+    "watch": cmd_watch,
     "ci": cmd_ci,
     "plan": cmd_plan,
     "exec": cmd_exec,

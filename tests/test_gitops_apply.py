@@ -187,3 +187,50 @@ def test_ci_push_deploys_only_affected_and_pr_only_plans(fleet, tmp_path):
     outputs = (tmp_path / "output.txt").read_text()
     assert "mode=deploy" in outputs and "deployed=host1" in outputs
     assert (repo / "reports" / "junit.xml").exists() and (repo / "reports" / "report.md").exists()
+
+
+def test_watch_deploys_each_new_head(fleet, tmp_path):
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], check=True)
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    write_hive(dev, HIVE)
+    for n in ("host1", "host2", "host3"):
+        (dev / f"{n}.nix").write_text(f'{{ environment.etc.v.text = "{n} watch-one"; }}\n')
+    git(dev, "init", "-q", "-b", "main")
+    git(dev, "add", "-A")
+    git(dev, "commit", "-qm", "one")
+    git(dev, "remote", "add", "origin", str(origin))
+    git(dev, "push", "-q", "origin", "main")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(origin), str(clone)], check=True)
+    reports, metrics = tmp_path / "reports", tmp_path / "waggle.prom"
+    args = [
+        "watch",
+        "--once",
+        "--repo",
+        str(clone),
+        "--reports-dir",
+        str(reports),
+        "--metrics-file",
+        str(metrics),
+        "--ssh-config",
+        str(fleet.ssh_config),
+    ]
+    done = waggle(*args, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert fleet["host2"].resolve("/etc/v").read_text() == "host2 watch-one"
+
+    (dev / "host2.nix").write_text('{ environment.etc.v.text = "host2 watch-two"; }\n')
+    git(dev, "commit", "-qam", "two")
+    git(dev, "push", "-q", "origin", "main")
+    done = waggle(*args, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert fleet["host2"].resolve("/etc/v").read_text() == "host2 watch-two"
+    assert fleet["host1"].resolve("/etc/v").read_text() == "host1 watch-one"
+    runs = sorted(reports.iterdir())
+    assert len(runs) == 2 and all((r / "junit.xml").exists() for r in runs)
+    head = rev(dev)
+    text = metrics.read_text()
+    assert f'waggle_watch_last_commit_info{{commit="{head}"}} 1' in text
+    assert "waggle_watch_last_deploy_success 1" in text

@@ -1,0 +1,661 @@
+"""`waggle watch`: polling a real bare repository, deploying new heads, metrics and reports."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pygit2
+import pytest
+from pygit2.enums import Option
+from typing_extensions import override
+
+from runner.errors import UsageError
+from runner.gitops.changes import GitError
+from runner.gitops.watch import (
+    TOKEN_ENV,
+    USERNAME_ENV,
+    WatchCallbacks,
+    WatchResult,
+    WatchSettings,
+    escape_label,
+    url_kind,
+    watch,
+)
+from runner.results import NodeResult, RunSummary, Stage, StageResult, Status
+
+pytestmark = pytest.mark.timeout(60)
+
+TICK = 0.05  # the watcher's interval in these tests
+
+
+# -- git helpers -----------------------------------------------------------------------------
+
+
+def git(cwd: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["git", "-c", "user.name=T", "-c", "user.email=t@example.org", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return done.stdout.strip()
+
+
+@dataclass
+class Remote:
+    bare: Path
+    dev: Path  # the developer's clone, pushing
+    clone: Path  # the watcher's clone, fetching
+    counter: int = 0
+
+    def push(self, message: str, files: dict[str, str] | None = None) -> str:
+        self.counter += 1
+        for rel, text in (files or {f"n{self.counter}.nix": f"{message}\n"}).items():
+            path = self.dev / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        git(self.dev, "add", "-A")
+        git(self.dev, "commit", "-q", "-m", message)
+        git(self.dev, "push", "-q", "origin", "HEAD:main")
+        return git(self.dev, "rev-parse", "HEAD")
+
+    def force_push_sibling(self, message: str) -> str:
+        """Replace main by a commit that does not descend from the current head."""
+        git(self.dev, "reset", "-q", "--hard", "HEAD~1")
+        (self.dev / "sibling.nix").write_text(message + "\n")
+        git(self.dev, "add", "-A")
+        git(self.dev, "commit", "-q", "-m", message)
+        git(self.dev, "push", "-q", "--force", "origin", "HEAD:main")
+        return git(self.dev, "rev-parse", "HEAD")
+
+    async def apush(self, message: str, files: dict[str, str] | None = None) -> str:
+        return await asyncio.to_thread(self.push, message, files)
+
+
+@pytest.fixture
+def remote(tmp_path: Path) -> Remote:
+    bare = tmp_path / "fleet.git"
+    git(tmp_path, "init", "-q", "--bare", "-b", "main", str(bare))
+    dev = tmp_path / "dev"
+    git(tmp_path, "clone", "-q", str(bare), str(dev))
+    git(dev, "checkout", "-q", "-b", "main")
+    r = Remote(bare, dev, tmp_path / "watcher")
+    r.push("init", {"hive.nix": "{ }\n"})
+    git(tmp_path, "clone", "-q", str(bare), str(r.clone))
+    return r
+
+
+# -- a fake deploy ---------------------------------------------------------------------------
+
+
+def node(name: str, status: str) -> NodeResult:
+    stages: tuple[StageResult, ...]
+    if status == "failed":
+        stages = (StageResult(Stage.ACTIVATE, Status.FAILED, 0.1, "exit 4"),)
+    elif status == "unchanged":
+        stages = (
+            StageResult(Stage.BUILD, Status.OK, 0.1),
+            StageResult(Stage.ACTIVATE, Status.SKIPPED, 0.0, "unchanged"),
+        )
+    else:
+        stages = (
+            StageResult(Stage.BUILD, Status.OK, 0.1),
+            StageResult(Stage.ACTIVATE, Status.OK, 0.2),
+        )
+    return NodeResult(name, stages)
+
+
+@dataclass
+class FakeDeploy:
+    """Records (sha, {file: text}) of each deploy; `gate`, when set up, holds deploys until
+    it is set; `nodes` are the node results each deploy returns."""
+
+    nodes: tuple[tuple[str, str], ...] = (("web", "ok"),)
+    gate: asyncio.Event | None = None
+    calls: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+    dirs: list[Path] = field(default_factory=list)
+    concurrent: int = 0
+    most_concurrent: int = 0
+
+    async def __call__(self, sha: str, directory: Path) -> RunSummary:
+        self.concurrent += 1
+        self.most_concurrent = max(self.most_concurrent, self.concurrent)
+        try:
+            files = {
+                str(p.relative_to(directory)): p.read_text()
+                for p in sorted(directory.rglob("*"))
+                if p.is_file()
+            }
+            self.calls.append((sha, files))
+            self.dirs.append(directory)
+            if self.gate is not None:
+                await self.gate.wait()
+            self.finished.append(sha)
+            return RunSummary(
+                command="watch",
+                goal="switch",
+                hive=str(directory),
+                commit=sha,
+                started_at=time.time(),
+                seconds=0.01,
+                stages=(Stage.BUILD, Stage.ACTIVATE),
+                nodes=tuple(node(n, s) for n, s in self.nodes),
+            )
+        finally:
+            self.concurrent -= 1
+
+
+async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+def settings(fleet: Remote, tmp_path: Path, /, **kw: object) -> WatchSettings:
+    base: dict[str, object] = {
+        "repo": fleet.clone,
+        "interval": TICK,
+        "reports_dir": tmp_path / "reports",
+        "metrics_file": tmp_path / "metrics" / "waggle.prom",
+        "fetch_timeout": 10.0,
+    }
+    base.update(kw)
+    return WatchSettings(**base)  # type: ignore[arg-type]
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    @override
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_logger() -> tuple[logging.Logger, Lines]:
+    logger = logging.getLogger(f"waggle.test.{time.monotonic_ns()}")
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    handler = Lines()
+    logger.addHandler(handler)
+    return logger, handler
+
+
+test_logger.__test__ = False  # type: ignore[attr-defined]
+
+
+def run(scenario: Callable[[], Awaitable[WatchResult]]) -> WatchResult:
+    return asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+
+
+def head_files(remote: Remote, sha: str) -> dict[str, str]:
+    names = git(remote.dev, "ls-tree", "-r", "--name-only", sha).splitlines()
+    return {n: git(remote.dev, "show", f"{sha}:{n}") + "\n" for n in names}
+
+
+# -- the watcher -------------------------------------------------------------------------------
+
+
+def test_commits_pushed_one_after_another_are_deployed_in_order(remote, tmp_path):
+    first = git(remote.dev, "rev-parse", "HEAD")
+    shas = [first]
+
+    async def scenario() -> WatchResult:
+        deploy = FakeDeploy()
+        stop = asyncio.Event()
+        task = asyncio.create_task(watch(settings(remote, tmp_path), deploy, stop=stop))
+        await until(lambda: len(deploy.finished) == 1)
+        shas.append(await remote.apush("commit 2", {"hosts/h2.nix": "h2\n"}))
+        await until(lambda: len(deploy.finished) == 2)
+        shas.append(
+            await remote.apush("commit 3", {"hosts/h3.nix": "h3\n", "hive.nix": "{ x = 1; }\n"})
+        )
+        await until(lambda: len(deploy.finished) == 3)
+        stop.set()
+        result = await task
+        assert [c[0] for c in deploy.calls] == shas
+        for sha, files in deploy.calls:
+            assert files == head_files(remote, sha)
+        assert all(not d.exists() for d in deploy.dirs)  # checkouts are removed
+        assert deploy.most_concurrent == 1
+        return result
+
+    result = run(scenario)
+    assert result.commits == tuple(shas)
+    assert all(d.ok for d in result.deployed)
+    assert result.refused == () and result.fetch_errors == ()
+
+
+def test_two_commits_during_one_deploy_give_one_further_deploy_of_the_latest(remote, tmp_path):
+    first = git(remote.dev, "rev-parse", "HEAD")
+
+    async def scenario() -> tuple[WatchResult, list[str]]:
+        gate = asyncio.Event()
+        deploy = FakeDeploy(gate=gate)
+        stop = asyncio.Event()
+        task = asyncio.create_task(watch(settings(remote, tmp_path), deploy, stop=stop))
+        await until(lambda: len(deploy.calls) == 1)
+        second = await remote.apush("second")
+        third = await remote.apush("third")
+        await asyncio.sleep(5 * TICK)  # the watcher would fetch now if it were not deploying
+        assert len(deploy.calls) == 1
+        gate.set()
+        await until(lambda: len(deploy.finished) == 2)
+        await asyncio.sleep(6 * TICK)  # several more polls: nothing new to deploy
+        stop.set()
+        result = await task
+        assert deploy.most_concurrent == 1
+        assert second not in [c[0] for c in deploy.calls]
+        return result, [first, third]
+
+    result, expected = asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    assert list(result.commits) == expected
+
+
+def test_force_push_to_a_non_descendant_is_refused(remote, tmp_path):
+    logger, lines = test_logger()
+
+    async def scenario() -> tuple[WatchResult, str, str]:
+        deploy = FakeDeploy()
+        stop = asyncio.Event()
+        s = settings(remote, tmp_path)
+        task = asyncio.create_task(watch(s, deploy, stop=stop, log=logger))
+        await until(lambda: len(deploy.finished) == 1)
+        second = await remote.apush("second")
+        await until(lambda: len(deploy.finished) == 2)
+        sibling = await asyncio.to_thread(remote.force_push_sibling, "rewritten")
+        await until(lambda: any("refused" in line for line in lines.lines))
+        await asyncio.sleep(5 * TICK)  # refused once, not once per poll
+        stop.set()
+        return await task, second, sibling
+
+    result, second, sibling = run_tuple(scenario)
+    assert result.commits[-1] == second
+    assert result.refused == (sibling,)
+    assert sum("refused" in line for line in lines.lines) == 1
+    metrics = parse_metrics((tmp_path / "metrics" / "waggle.prom").read_text())
+    assert metrics[("waggle_watch_refused_total", ())] == 1
+    assert metrics[("waggle_watch_last_commit_info", (("commit", second),))] == 1
+    assert not result.ok
+
+
+def test_force_push_is_deployed_when_allowed(remote, tmp_path):
+    async def scenario() -> tuple[WatchResult, str, str]:
+        deploy = FakeDeploy()
+        stop = asyncio.Event()
+        s = settings(remote, tmp_path, allow_non_descendant=True)
+        task = asyncio.create_task(watch(s, deploy, stop=stop))
+        await until(lambda: len(deploy.finished) == 1)
+        second = await remote.apush("second")
+        await until(lambda: len(deploy.finished) == 2)
+        sibling = await asyncio.to_thread(remote.force_push_sibling, "rewritten")
+        await until(lambda: len(deploy.finished) == 3)
+        stop.set()
+        return await task, second, sibling
+
+    result, second, sibling = run_tuple(scenario)
+    assert result.commits[1:] == (second, sibling)
+    assert result.refused == ()
+
+
+def test_fetch_error_is_logged_and_the_watcher_recovers(remote, tmp_path):
+    logger, lines = test_logger()
+    moved = remote.bare.with_name("moved.git")
+    remote.bare.rename(moved)
+
+    async def scenario() -> WatchResult:
+        deploy = FakeDeploy()
+        stop = asyncio.Event()
+        task = asyncio.create_task(watch(settings(remote, tmp_path), deploy, stop=stop, log=logger))
+        await until(lambda: sum("fetch failed" in line for line in lines.lines) >= 2)
+        assert not task.done()
+        metrics = parse_metrics((tmp_path / "metrics" / "waggle.prom").read_text())
+        assert metrics[("waggle_watch_fetch_errors_total", ())] >= 1
+        moved.rename(remote.bare)
+        await until(lambda: len(deploy.finished) == 1)
+        stop.set()
+        return await task
+
+    result = run(scenario)
+    assert result.commits == (git(remote.dev, "rev-parse", "HEAD"),)
+    assert len(result.fetch_errors) >= 2
+    assert "fetching main from origin failed" in result.fetch_errors[0]
+    assert sum("fetch failed" in line for line in lines.lines) == len(result.fetch_errors)
+
+
+def test_stop_during_a_deploy_lets_it_finish(remote, tmp_path):
+    logger, lines = test_logger()
+
+    async def scenario() -> WatchResult:
+        gate = asyncio.Event()
+        deploy = FakeDeploy(gate=gate)
+        stop = asyncio.Event()
+        task = asyncio.create_task(watch(settings(remote, tmp_path), deploy, stop=stop, log=logger))
+        await until(lambda: len(deploy.calls) == 1)
+        stop.set()
+        await asyncio.sleep(5 * TICK)
+        assert not task.done()  # still deploying
+        await remote.apush("arrives while stopping")
+        gate.set()
+        result = await asyncio.wait_for(task, timeout=5)
+        assert deploy.finished == [deploy.calls[0][0]]
+        return result
+
+    result = run(scenario)
+    assert len(result.deployed) == 1 and result.deployed[0].ok
+    assert lines.lines[-1] == "watch: stopping"
+    assert sum("stop requested; waiting for the deploy" in line for line in lines.lines) == 1
+    assert len(result.deployed) == 1  # the commit pushed while stopping is left for next time
+
+
+def test_cancelling_the_watcher_waits_for_the_deploy_in_flight(remote, tmp_path):
+    async def scenario() -> None:
+        gate = asyncio.Event()
+        deploy = FakeDeploy(gate=gate)
+        task = asyncio.create_task(watch(settings(remote, tmp_path), deploy))
+        await until(lambda: len(deploy.calls) == 1)
+        task.cancel()
+        await asyncio.sleep(5 * TICK)
+        assert not task.done()
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=5)
+        assert len(deploy.finished) == 1
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+
+
+def test_stop_while_sleeping_returns_promptly(remote, tmp_path):
+    async def scenario() -> float:
+        deploy = FakeDeploy()
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            watch(settings(remote, tmp_path, interval=60), deploy, stop=stop)
+        )
+        await until(lambda: len(deploy.finished) == 1)
+        await asyncio.sleep(0.1)
+        t0 = time.monotonic()
+        stop.set()
+        await asyncio.wait_for(task, timeout=5)
+        return time.monotonic() - t0
+
+    assert asyncio.run(scenario()) < 1.0
+
+
+def test_once_deploys_the_head_and_returns_and_keeps_no_state(remote, tmp_path):
+    head = git(remote.dev, "rev-parse", "HEAD")
+
+    async def scenario() -> WatchResult:
+        return await watch(settings(remote, tmp_path, once=True, interval=60), FakeDeploy())
+
+    assert run(scenario).commits == (head,)
+    assert run(scenario).commits == (head,)  # stateless: a restart deploys the head again
+    assert len(list((tmp_path / "reports").iterdir())) == 2
+
+
+def test_a_deploy_that_raises_is_recorded_and_the_watcher_goes_on(remote, tmp_path):
+    calls: list[str] = []
+
+    async def broken(sha: str, directory: Path) -> RunSummary:
+        calls.append(sha)
+        raise GitError("hive.nix does not evaluate")
+
+    async def scenario() -> WatchResult:
+        stop = asyncio.Event()
+        task = asyncio.create_task(watch(settings(remote, tmp_path), broken, stop=stop))
+        await until(lambda: len(calls) == 1)
+        await remote.apush("fix")
+        await until(lambda: len(calls) == 2)
+        stop.set()
+        return await task
+
+    result = run(scenario)
+    assert len(result.deployed) == 2
+    assert not result.deployed[0].ok
+    assert "does not evaluate" in result.deployed[0].error
+    report = result.deployed[0].report_dir
+    assert report is not None and "does not evaluate" in (report / "error.txt").read_text()
+    metrics = parse_metrics((tmp_path / "metrics" / "waggle.prom").read_text())
+    assert metrics[("waggle_watch_last_deploy_success", ())] == 0
+    assert metrics[("waggle_watch_deploy_failures_total", ())] == 2
+
+
+def test_a_second_watcher_on_the_same_clone_is_refused(remote, tmp_path):
+    async def scenario() -> None:
+        gate = asyncio.Event()
+        deploy = FakeDeploy(gate=gate)
+        task = asyncio.create_task(watch(settings(remote, tmp_path), deploy))
+        await until(lambda: len(deploy.calls) == 1)
+        with pytest.raises(UsageError, match="another waggle watch"):
+            await watch(settings(remote, tmp_path, once=True), FakeDeploy())
+        gate.set()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+
+
+def test_missing_remote_is_a_usage_error(remote, tmp_path):
+    with pytest.raises(UsageError, match="no remote 'upstream'"):
+        asyncio.run(watch(settings(remote, tmp_path, remote="upstream", once=True), FakeDeploy()))
+
+
+def test_a_hanging_fetch_is_bounded_and_the_watcher_goes_on(remote, tmp_path):
+    """A remote that accepts the connection and never answers: each fetch ends after
+    fetch_timeout, is counted, and stop still returns at once."""
+    logger, lines = test_logger()
+
+    async def scenario() -> tuple[WatchResult, float]:
+        held: list[asyncio.StreamWriter] = []
+
+        async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            held.append(writer)  # never answer
+
+        server = await asyncio.start_server(hold, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        await asyncio.to_thread(
+            git, remote.clone, "remote", "set-url", "origin", f"http://127.0.0.1:{port}/f.git"
+        )
+        stop = asyncio.Event()
+        s = settings(remote, tmp_path, fetch_timeout=0.3)
+        task = asyncio.create_task(watch(s, FakeDeploy(), stop=stop, log=logger))
+        await until(lambda: sum("fetch failed" in line for line in lines.lines) >= 2)
+        t0 = time.monotonic()
+        stop.set()
+        result = await asyncio.wait_for(task, timeout=5)
+        took = time.monotonic() - t0
+        for w in held:
+            w.close()
+        server.close()
+        return result, took
+
+    result, took = run_tuple(scenario)
+    assert result.commits == ()
+    assert len(result.fetch_errors) >= 2
+    assert took < 1.0
+    assert pygit2.option(Option.GET_SERVER_TIMEOUT) == 0  # restored after the watcher
+
+
+# -- metrics and reports ---------------------------------------------------------------------
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(?:,|$)')
+
+Key = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def parse_metrics(text: str) -> dict[Key, float]:
+    """Prometheus text format: HELP/TYPE comments, then `name{labels} value` lines."""
+    assert text.endswith("\n")
+    out: dict[Key, float] = {}
+    typed: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("#"):
+            parts = line.split(" ", 3)
+            assert parts[1] in ("HELP", "TYPE") and len(parts) == 4, line
+            if parts[1] == "TYPE":
+                assert parts[3] in ("gauge", "counter"), line
+                typed.add(parts[2])
+            continue
+        m = _SAMPLE.match(line)
+        assert m, f"not a sample line: {line!r}"
+        name, labels, value = m.groups()
+        assert name in typed, f"{name} has no TYPE line"
+        pairs: list[tuple[str, str]] = []
+        if labels:
+            pos = 0
+            while pos < len(labels):
+                lm = _LABEL.match(labels, pos)
+                assert lm, f"bad labels in {line!r}"
+                raw = lm.group(2)
+                unescaped = re.sub(
+                    r"\\(.)", lambda e: "\n" if e.group(1) == "n" else e.group(1), raw
+                )
+                pairs.append((lm.group(1), unescaped))
+                pos = lm.end()
+        key = (name, tuple(pairs))
+        assert key not in out, f"duplicate sample {key}"
+        out[key] = float(value)
+    return out
+
+
+def test_metrics_file_and_reports_per_commit(remote, tmp_path):
+    weird = 'odd "node"\\x\ny'
+    nodes = (("web", "ok"), ("db", "failed"), ("cache", "unchanged"), (weird, "ok"))
+    shas = [git(remote.dev, "rev-parse", "HEAD")]
+
+    async def scenario() -> WatchResult:
+        deploy = FakeDeploy(nodes=nodes)
+        stop = asyncio.Event()
+        task = asyncio.create_task(watch(settings(remote, tmp_path), deploy, stop=stop))
+        await until(lambda: len(deploy.finished) == 1)
+        shas.append(await remote.apush("second"))
+        await until(lambda: len(deploy.finished) == 2)
+        stop.set()
+        return await task
+
+    before = time.time()
+    result = run(scenario)
+    text = (tmp_path / "metrics" / "waggle.prom").read_text()
+    metrics = parse_metrics(text)
+    assert metrics[("waggle_watch_deploys_total", ())] == 2
+    assert metrics[("waggle_watch_deploy_failures_total", ())] == 2  # db failed each time
+    assert metrics[("waggle_watch_fetch_errors_total", ())] == 0
+    assert metrics[("waggle_watch_refused_total", ())] == 0
+    assert metrics[("waggle_watch_last_deploy_success", ())] == 0
+    assert metrics[("waggle_watch_last_commit_info", (("commit", shas[1]),))] == 1
+    assert not any(
+        k[0] == "waggle_watch_last_commit_info" and k[1][0][1] == shas[0] for k in metrics
+    )
+    stamp = metrics[("waggle_watch_last_deploy_timestamp_seconds", ())]
+    assert before <= stamp <= time.time()
+    assert before <= metrics[("waggle_watch_last_fetch_timestamp_seconds", ())] <= time.time()
+    statuses = {k[1]: v for k, v in metrics.items() if k[0] == "waggle_watch_node_status"}
+    assert statuses == {
+        (("node", "web"), ("status", "ok")): 1,
+        (("node", "db"), ("status", "failed")): 1,
+        (("node", "cache"), ("status", "unchanged")): 1,
+        (("node", weird), ("status", "ok")): 1,
+    }
+    assert "\\n" in text and '\\"' in text
+    assert not list((tmp_path / "metrics").glob("*.tmp"))  # written atomically, no leftovers
+
+    dirs = sorted((tmp_path / "reports").iterdir())
+    assert len(dirs) == 2
+    for directory, sha, record in zip(dirs, shas, result.deployed, strict=True):
+        assert directory.name.endswith("-" + sha[:12])
+        assert re.fullmatch(r"\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{12}", directory.name)
+        assert record.report_dir == directory
+        assert {p.name for p in directory.iterdir()} == {"junit.xml", "report.md", "report.json"}
+        assert sha in (directory / "report.json").read_text()
+
+
+def test_metrics_before_any_deploy_have_counters_only(remote, tmp_path):
+    remote.bare.rename(remote.bare.with_name("gone.git"))
+
+    async def scenario() -> WatchResult:
+        return await watch(settings(remote, tmp_path, once=True), FakeDeploy())
+
+    result = run(scenario)
+    assert result.commits == () and len(result.fetch_errors) == 1
+    metrics = parse_metrics((tmp_path / "metrics" / "waggle.prom").read_text())
+    assert {k[0] for k in metrics} == {
+        "waggle_watch_deploys_total",
+        "waggle_watch_deploy_failures_total",
+        "waggle_watch_fetch_errors_total",
+        "waggle_watch_refused_total",
+    }
+    assert metrics[("waggle_watch_fetch_errors_total", ())] == 1
+
+
+# -- small pieces ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "kind"),
+    [
+        ("ssh://git@example.org/fleet.git", "ssh"),
+        ("git@github.com:org/fleet.git", "ssh"),
+        ("example.org:fleet.git", "ssh"),
+        ("https://github.com/org/fleet.git", "http"),
+        ("http://127.0.0.1:8080/fleet.git", "http"),
+        ("/srv/git/fleet.git", "none"),
+        ("../fleet.git", "none"),
+        ("file:///srv/git/fleet.git", "none"),
+        ("git://127.0.0.1/fleet.git", "none"),
+    ],
+)
+def test_url_kind(url, kind):
+    assert url_kind(url) == kind
+
+
+def test_label_escaping():
+    assert escape_label('a\\b"c\nd') == 'a\\\\b\\"c\\nd'
+
+
+def test_credentials_by_url_kind():
+    from pygit2.enums import CredentialType
+
+    token = WatchCallbacks("http", {TOKEN_ENV: "s3cret", USERNAME_ENV: "bot"})
+    cred = token.credentials("https://x/y.git", None, CredentialType.USERPASS_PLAINTEXT)
+    assert isinstance(cred, pygit2.UserPass)
+    assert cred.credential_tuple == ("bot", "s3cret")
+    default_user = WatchCallbacks("http", {TOKEN_ENV: "t"})
+    cred = default_user.credentials("https://x/y.git", None, CredentialType.USERPASS_PLAINTEXT)
+    assert isinstance(cred, pygit2.UserPass) and cred.credential_tuple[0] == "x-access-token"
+    ssh = WatchCallbacks("ssh", {})
+    cred = ssh.credentials("ssh://deploy@x/y.git", "deploy", CredentialType.SSH_KEY)
+    assert isinstance(cred, pygit2.KeypairFromAgent)
+    with pytest.raises(GitError, match=TOKEN_ENV):
+        WatchCallbacks("http", {}).credentials("https://x", None, CredentialType.USERPASS_PLAINTEXT)
+    with pytest.raises(GitError, match="authentication failed"):
+        for _ in range(5):
+            ssh.credentials("ssh://x/y.git", None, CredentialType.SSH_KEY)
+
+
+def test_settings_are_checked(tmp_path):
+    with pytest.raises(UsageError):
+        WatchSettings(repo=tmp_path, interval=0)
+    with pytest.raises(UsageError):
+        WatchSettings(repo=tmp_path, fetch_timeout=-1)
+    assert WatchSettings(repo=tmp_path, ref="refs/heads/prod").tracking_ref == (
+        "refs/remotes/origin/prod"
+    )
+
+
+def run_tuple(scenario):
+    return asyncio.run(asyncio.wait_for(scenario(), timeout=30))
