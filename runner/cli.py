@@ -812,6 +812,8 @@ async def _run_apply(ns: argparse.Namespace, goal: Goal | None = None) -> RunSum
             if run.build is not None:
                 _log_evaluation(run.build.evaluation)
         nodes = list(run.nodes)
+    if changed_since is not None and goal is not Goal.UPLOAD_KEYS:
+        nodes = [replace(r, reason=changes.deploy.get(r.name, "")) for r in nodes]
     order = {n: i for i, n in enumerate(selection.all_names)}
     nodes = sorted([*nodes, *left_alone], key=lambda r: order.get(r.name, len(order)))
     if goal is Goal.BUILD:

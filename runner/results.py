@@ -54,6 +54,7 @@ class NodeResult:
     stages: tuple[StageResult, ...]
     drv_path: str | None = None
     out_path: str | None = None
+    reason: str = ""  # why the node is in the run: "changed", "added", "drift: ..."
 
     @property
     def ok(self) -> bool:

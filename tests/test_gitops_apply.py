@@ -68,10 +68,20 @@ def test_changed_since_deploys_affected_and_drifted(fleet, tmp_path):
 
     # host3 drifts: someone activated something else there by hand.
     fleet.run("host3", "ln -sfn /nix/var/nix/profiles /run/current-system")
-    done = waggle("apply", "--changed-since", "HEAD", *ssh, "-v", cwd=tmp_path)
+    report = tmp_path / "report.json"
+    done = waggle(
+        "apply", "--changed-since", "HEAD", *ssh, "-v", "--report-json", str(report), cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     assert outcome(done) == {"host1": "unchanged", "host2": "unchanged", "host3": "ok"}
     assert "host3: deploying (drift" in done.stderr
+    import json
+
+    reasons = {
+        n["name"]: (n["status"], n["reason"]) for n in json.loads(report.read_text())["nodes"]
+    }
+    assert reasons["host3"][0] == "ok" and reasons["host3"][1].startswith("drift")
+    assert reasons["host1"] == ("unchanged", "")
     assert fleet["host3"].resolve("/etc/v").read_text() == "host3 one"
 
 
@@ -180,13 +190,19 @@ def test_ci_push_deploys_only_affected_and_pr_only_plans(fleet, tmp_path):
         "after": after,
         "repository": {"full_name": "acme/fleet", "default_branch": "main"},
     }
-    done = run_ci(repo, github_env(tmp_path, "push", push, after, "main"), *ssh)
+    done = run_ci(
+        repo,
+        github_env(tmp_path, "push", push, after, "main"),
+        *template_ci_args("ci-templates/github/waggle.yml"),
+        *ssh,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert outcome(done) == {"host1": "ok", "host2": "unchanged", "host3": "unchanged"}
     assert fleet["host1"].resolve("/etc/v").read_text() == "host1 ci-two"
     outputs = (tmp_path / "output.txt").read_text()
     assert "mode=deploy" in outputs and "deployed=host1" in outputs
-    assert (repo / "reports" / "junit.xml").exists() and (repo / "reports" / "report.md").exists()
+    # The template's flags win over waggle.yaml's report paths.
+    assert (repo / "waggle-junit.xml").exists() and (repo / "waggle-report.md").exists()
 
 
 def test_watch_deploys_each_new_head(fleet, tmp_path):
@@ -234,3 +250,84 @@ def test_watch_deploys_each_new_head(fleet, tmp_path):
     text = metrics.read_text()
     assert f'waggle_watch_last_commit_info{{commit="{head}"}} 1' in text
     assert "waggle_watch_last_deploy_success 1" in text
+
+
+def template_ci_args(path: str) -> list[str]:
+    """The arguments of the `waggle ci` line a template runs (after `waggle ci`)."""
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for line in (root / path).read_text().splitlines():
+        text = line.strip().removeprefix("- ").removeprefix("run: ")
+        if text.startswith("waggle ci"):
+            return shlex.split(text)[2:]
+    raise AssertionError(f"no waggle ci line in {path}")
+
+
+def provider_env(provider: str, before: str, after: str) -> dict[str, str]:
+    import os
+
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("GITHUB_", "GITLAB", "CI_", "DRONE"))
+    }
+    env["CI"] = "true"
+    if provider == "gitlab":
+        env.update(
+            {
+                "GITLAB_CI": "true",
+                "CI_PIPELINE_SOURCE": "push",
+                "CI_COMMIT_BEFORE_SHA": before,
+                "CI_COMMIT_SHA": after,
+                "CI_COMMIT_BRANCH": "main",
+                "CI_DEFAULT_BRANCH": "main",
+                "CI_PROJECT_ID": "42",
+            }
+        )
+    else:
+        env.update(
+            {
+                "DRONE": "true",
+                "DRONE_BUILD_EVENT": "push",
+                "DRONE_COMMIT_BEFORE": before,
+                "DRONE_COMMIT_AFTER": after,
+                "DRONE_COMMIT_SHA": after,
+                "DRONE_BRANCH": "main",
+                "DRONE_REPO_BRANCH": "main",
+                "DRONE_COMMIT_BRANCH": "main",
+            }
+        )
+    return env
+
+
+@pytest.mark.parametrize(
+    ("provider", "template"),
+    [
+        ("gitlab", "ci-templates/gitlab/.gitlab-ci.yml"),
+        ("drone", "ci-templates/drone/.drone.yml"),
+    ],
+)
+def test_ci_push_under_gitlab_and_drone(fleet, tmp_path, provider, template):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    write_hive(repo, HIVE)
+    for n in ("host1", "host2", "host3"):
+        (repo / f"{n}.nix").write_text(f'{{ environment.etc.v.text = "{n} {provider}-one"; }}\n')
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "one")
+    ssh = ["--ssh-config", str(fleet.ssh_config)]
+    assert waggle("apply", *ssh, cwd=repo).returncode == 0
+    before = rev(repo)
+    (repo / "host3.nix").write_text(f'{{ environment.etc.v.text = "host3 {provider}-two"; }}\n')
+    git(repo, "commit", "-qam", "two")
+    # The template's own command line, as its pipeline would run it.
+    done = run_ci(
+        repo, provider_env(provider, before, rev(repo)), *template_ci_args(template), *ssh
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert outcome(done) == {"host1": "unchanged", "host2": "unchanged", "host3": "ok"}
+    assert fleet["host3"].resolve("/etc/v").read_text() == f"host3 {provider}-two"
+    assert fleet["host1"].resolve("/etc/v").read_text() == f"host1 {provider}-one"

@@ -24,6 +24,7 @@ changing the meaning of one bumps the version.
 | `nodes[].failed_stage` | string or null | the first stage that failed |
 | `nodes[].drv_path` | string or null | the system's derivation, once evaluated |
 | `nodes[].out_path` | string or null | the system's store path, once evaluated |
+| `nodes[].reason` | string | why the node was deployed with `--changed-since`/`waggle ci`: `changed`, `added`, `drift: ...`; empty otherwise |
 | `nodes[].stages` | array of object | the stages the node went through, in the order they ran; stages it never reached are absent |
 | `nodes[].stages[].stage` | string | the stage |
 | `nodes[].stages[].status` | string | `ok`, `failed` or `skipped` |
@@ -94,6 +95,7 @@ class NodeJson(TypedDict):
     failed_stage: str | None
     drv_path: str | None
     out_path: str | None
+    reason: str
     stages: list[StageJson]
 
 
@@ -140,6 +142,7 @@ def _node(node: NodeResult) -> NodeJson:
         "failed_stage": str(failure.stage) if failure is not None else None,
         "drv_path": _optional(node.drv_path),
         "out_path": _optional(node.out_path),
+        "reason": clean_text(node.reason),
         "stages": [_stage(s) for s in node.stages],
     }
 

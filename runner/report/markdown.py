@@ -237,7 +237,8 @@ def _table(summary: RunSummary, nodes: Sequence[NodeResult]) -> list[str]:
     for node in nodes:
         status = node_status(node)
         name = escape(node.name, 200)
-        cells = [f"**{name}**" if status == "failed" else name, f"{_ICON[status]} {status}"]
+        why = f" ({escape(node.reason, 80)})" if node.reason else ""
+        cells = [f"**{name}**" if status == "failed" else name, f"{_ICON[status]} {status}{why}"]
         cells += [_stage_cell(node, s) for s in stages]
         if pushed:
             cells.append(_pushed_cell(node))
