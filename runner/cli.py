@@ -17,7 +17,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from runner.gitops.changed import select_changed
 from runner.gitops.config import load_config, merge
 from runner.gitops.plan import (
     DEFAULT_IGNORE,
+    Plan,
     PlanBuildSettings,
     build_and_diff,
     compute_plan,
@@ -222,12 +223,7 @@ def _report_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _change_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--changed-since",
-        metavar="REV",
-        help="deploy only nodes this git change affects, plus drifted hosts",
-    )
+def _plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ignore",
         action="append",
@@ -241,6 +237,15 @@ def _change_options(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="cache base evaluations here (keyed by tree id and Nix version)",
     )
+
+
+def _change_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--changed-since",
+        metavar="REV",
+        help="deploy only nodes this git change affects, plus drifted hosts",
+    )
+    _plan_options(p)
     p.add_argument(
         "--no-drift",
         action="store_true",
@@ -395,19 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--head", metavar="REV", help="the revision to plan (default: HEAD)")
     _selection_options(p)
-    p.add_argument(
-        "--ignore",
-        action="append",
-        metavar="GLOB",
-        help="paths whose changes affect no node (repeatable; default: **/*.md, "
-        "docs/**, .github/**)",
-    )
-    p.add_argument(
-        "--cache-dir",
-        type=Path,
-        metavar="DIR",
-        help="cache base evaluations here (keyed by tree id and Nix version)",
-    )
+    _plan_options(p)
     p.add_argument("--no-build", action="store_true", help="do not build the changed nodes")
     p.add_argument(
         "--json",
@@ -860,6 +853,30 @@ def _write_reports(ns: argparse.Namespace, summary: RunSummary) -> None:
         raise ReportError(f"cannot write a report: {e.filename}: {e.strerror}") from e
 
 
+def _write_plan_reports(
+    plan: Plan, *, md: Path | None, junit: Path | None, json_path: Path | None
+) -> str:
+    """Write the plan's reports and the GitHub step summary; return the markdown."""
+    text = plan_markdown(plan)
+    renderers: tuple[tuple[Path | None, Callable[[], str]], ...] = (
+        (md, lambda: text),
+        (junit, lambda: plan_junit(plan)),
+        (json_path, lambda: json.dumps(plan_json(plan), indent=2)),
+    )
+    try:
+        for path, render in renderers:
+            if path is None or str(path) == "-":
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(render())
+        step_summary = markdown.step_summary_path(os.environ)
+        if step_summary is not None:
+            markdown.append_step_summary(text, step_summary)
+    except OSError as e:
+        raise ReportError(f"cannot write a report: {e.filename}: {e.strerror}") from e
+    return text
+
+
 async def cmd_plan(ns: argparse.Namespace) -> int:
     source = locate(_opt(ns, "config"), Path.cwd())
     selector = parse_on(ns.on) if ns.on is not None else None
@@ -882,23 +899,7 @@ async def cmd_plan(ns: argparse.Namespace) -> int:
             jobs=max(1, ns.build_jobs), timeout=ns.build_timeout, build=not ns.no_build
         ),
     )
-    text = plan_markdown(plan)
-    outputs: list[tuple[Path | None, str]] = [
-        (ns.report_md, text),
-        (ns.junit, plan_junit(plan) if ns.junit is not None else ""),
-        (ns.plan_json, json.dumps(plan_json(plan), indent=2) if ns.plan_json is not None else ""),
-    ]
-    try:
-        for path, content in outputs:
-            if path is None or str(path) == "-":
-                continue
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(content)
-        step_summary = markdown.step_summary_path(os.environ)
-        if step_summary is not None:
-            markdown.append_step_summary(text, step_summary)
-    except OSError as e:
-        raise ReportError(f"cannot write a report: {e.filename}: {e.strerror}") from e
+    text = _write_plan_reports(plan, md=ns.report_md, junit=ns.junit, json_path=ns.plan_json)
     if ns.plan_json is not None and str(ns.plan_json) == "-":
         print(json.dumps(plan_json(plan), indent=2))
     else:
@@ -949,18 +950,8 @@ async def cmd_ci(ns: argparse.Namespace) -> int:
         plan = await build_and_diff(
             plan, flags, PlanBuildSettings(jobs=max(1, ns.build_jobs), timeout=ns.build_timeout)
         )
-        text = plan_markdown(plan)
+        text = _write_plan_reports(plan, md=ns.report_md, junit=ns.junit, json_path=None)
         print(text)
-        try:
-            for path, content in ((ns.report_md, text), (ns.junit, plan_junit(plan))):
-                if path is not None:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text(content)
-            step_summary = markdown.step_summary_path(os.environ)
-            if step_summary is not None:
-                markdown.append_step_summary(text, step_summary)
-        except OSError as e:
-            raise ReportError(f"cannot write a report: {e.filename}: {e.strerror}") from e
         if config.comment:
             token = comments.token_from_env(context, os.environ, config.token_env)
             if token is None:
