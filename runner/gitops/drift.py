@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from runner.activation import current_system
 from runner.deploy import ssh_host_for
@@ -48,7 +48,3 @@ async def find_drift(
 
     await asyncio.gather(*(check(n, out) for n, out in head_outs.items()))
     return found
-
-
-def unchanged_names(selected: Sequence[str], deploying: set[str]) -> list[str]:
-    return [n for n in selected if n not in deploying]

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shlex
 import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -384,7 +383,3 @@ class HostUnreachableError(HostError):
 class RemoteError(HostError):
     def __init__(self, target: SshTarget, message: str) -> None:
         super().__init__(f"{target.describe()}: {message}")
-
-
-def quote_for_log(argv: Sequence[str]) -> str:
-    return shlex.join(argv)
