@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 
+from typing_extensions import override
+
 from tests.conftest import write_hive
 from tests.helpers import waggle
 
@@ -63,3 +65,103 @@ def test_plan_names_the_changed_node(tmp_path):
     assert unknown.returncode == 0, unknown.stderr
     assert "no-such-rev is not in the repository" in unknown.stdout
     assert "Traceback" not in unknown.stderr
+
+
+def test_ci_posts_the_plan_as_a_sticky_comment(tmp_path):
+    """waggle ci on a pull request with comment: true talks to the forge API (a local server)."""
+    import http.server
+    import os
+    import sys
+    import threading
+
+    requests: list[tuple[str, str, str, bytes]] = []
+
+    class Api(http.server.BaseHTTPRequestHandler):
+        def _reply(self, code: int, body: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            requests.append(("GET", self.path, self.headers.get("Authorization", ""), b""))
+            self._reply(200, b"[]")
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            requests.append(("POST", self.path, self.headers.get("Authorization", ""), body))
+            self._reply(201, b'{"id": 1}')
+
+        @override
+        def log_message(self, *args):  # keep the test output clean
+            return None
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        write_hive(tmp_path, HIVE)
+        (tmp_path / "alpha.nix").write_text("{ }\n")
+        git(tmp_path, "init", "-q", "-b", "main")
+        git(tmp_path, "add", "-A")
+        git(tmp_path, "commit", "-qm", "first")
+        base = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        (tmp_path / "alpha.nix").write_text('{ environment.etc.x.text = "changed"; }\n')
+        git(tmp_path, "commit", "-qam", "second")
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        (tmp_path / "waggle.yaml").write_text("comment: true\n")
+        event = tmp_path / "event.json"
+        event.write_text(
+            json.dumps(
+                {
+                    "pull_request": {
+                        "number": 5,
+                        "base": {"sha": base, "repo": {"full_name": "acme/fleet"}},
+                        "head": {"sha": head, "repo": {"full_name": "acme/fleet"}},
+                    },
+                    "repository": {"full_name": "acme/fleet", "default_branch": "main"},
+                }
+            )
+        )
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("GITHUB_", "GITLAB", "CI_", "DRONE"))
+        }
+        env.update(
+            {
+                "CI": "true",
+                "GITHUB_ACTIONS": "true",
+                "GITHUB_EVENT_NAME": "pull_request",
+                "GITHUB_EVENT_PATH": str(event),
+                "GITHUB_SHA": head,
+                "GITHUB_REF_NAME": "5/merge",
+                "GITHUB_REPOSITORY": "acme/fleet",
+                "GITHUB_TOKEN": "secret-token-123",
+                "GITHUB_API_URL": f"http://127.0.0.1:{server.server_address[1]}",
+            }
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "runner", "ci"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 0, done.stdout + done.stderr
+    posts = [r for r in requests if r[0] == "POST"]
+    assert [p[1] for p in posts] == ["/repos/acme/fleet/issues/5/comments"]
+    assert posts[0][2] == "Bearer secret-token-123"
+    body = json.loads(posts[0][3])["body"]
+    assert "<!-- waggle-plan -->" in body and "alpha" in body
+    assert "secret-token-123" not in done.stdout + done.stderr
