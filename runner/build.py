@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner import nix
+from runner import nix, process
 from runner.errors import NixError
 from runner.evaluate import EvalRun, EvalSettings, NodeEval, evaluate
 from runner.events import Emitter, Sink, discard
@@ -63,6 +63,40 @@ async def build_node(ev: NodeEval, hive: Hive, settings: BuildSettings) -> NodeR
     return NodeResult(ev.name, (eval_stage, stage), ev.drv_path, ev.out_path)
 
 
+class _Validity:
+    """Which outputs are already valid in the local store, asked once per batch.
+
+    Nodes whose chunk finished together ask at the same moment; one
+    `nix-store --check-validity` answers them all, and their builds are skipped.
+    Any doubt (Nix failing) counts as "not valid": the build then runs as usual.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, asyncio.Future[bool]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def valid(self, path: str) -> bool:
+        future = self._pending.get(path)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._pending[path] = future
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._answer())
+        return await future
+
+    async def _answer(self) -> None:
+        await asyncio.sleep(0)  # let the rest of the batch ask first
+        while self._pending:
+            batch, self._pending = self._pending, {}
+            done = await process.run(
+                ["nix-store", "--check-validity", "--print-invalid", *batch], timeout=120
+            )
+            invalid = set(done.stdout.split()) if done.ok else set(batch)
+            for path, future in batch.items():
+                if not future.done():
+                    future.set_result(path not in invalid)
+
+
 @dataclass(frozen=True)
 class BuildRun:
     nodes: tuple[NodeResult, ...]
@@ -93,11 +127,28 @@ async def evaluate_and_build(
     for name in names:
         emit.queued(name)
 
+    validity = _Validity()
+
     async def build_one(ev: NodeEval) -> NodeResult:
         eval_stage = _eval_stage(ev)
         emit.end(ev.name, eval_stage)
         if build_settings is None or ev.name in build_elsewhere or not ev.ok:
             result = NodeResult(ev.name, (eval_stage,), ev.drv_path, ev.out_path)
+        elif (
+            build_settings.gc_root_dir is None
+            and ev.out_path is not None
+            and await validity.valid(ev.out_path)
+        ):
+            built = StageResult(
+                Stage.BUILD,
+                Status.OK,
+                0.0,
+                ev.out_path,
+                started_at=time.time(),
+                facts=(("already_built", 1),),
+            )
+            emit.end(ev.name, built)
+            result = NodeResult(ev.name, (eval_stage, built), ev.drv_path, ev.out_path)
         else:
             async with limit:
                 emit.start(ev.name, Stage.BUILD, "building")
