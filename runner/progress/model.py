@@ -213,6 +213,10 @@ class Counts:
             waiting=by[Phase.WAITING],
         )
 
+    def nonzero(self, *order: str) -> str:
+        """The non-zero counts named in `order`, e.g. `3 succeeded, 1 failed`."""
+        return ", ".join(f"{getattr(self, name)} {name}" for name in order if getattr(self, name))
+
     def describe(self) -> str:
         """`2 running, 5 succeeded, 1 failed, 3 waiting` (skipped only when there are some)."""
         parts = [f"{self.running} running", f"{self.succeeded} succeeded"]

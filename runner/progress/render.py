@@ -114,19 +114,8 @@ def render_node_line(
 
 
 def _hidden_text(hidden: Sequence[NodeView]) -> str:
-    c = Counts.of(hidden)
-    parts = [
-        f"{n} {word}"
-        for n, word in (
-            (c.running, "running"),
-            (c.succeeded, "succeeded"),
-            (c.skipped, "skipped"),
-            (c.failed, "failed"),
-            (c.waiting, "waiting"),
-        )
-        if n
-    ]
-    return f"+{len(hidden)} more: {', '.join(parts)}"
+    counts = Counts.of(hidden).nonzero("running", "succeeded", "skipped", "failed", "waiting")
+    return f"+{len(hidden)} more: {counts}"
 
 
 def _visible(nodes: Sequence[NodeView], slots: int) -> set[str]:
@@ -333,19 +322,9 @@ def render_failures(state: ViewState, *, color: bool, lines: int = 20) -> list[s
 def render_totals(state: ViewState, *, now: float) -> str:
     """`5 nodes: 3 succeeded, 1 skipped, 1 failed in 1m05s`."""
     c = state.counts()
-    parts = [
-        f"{n} {word}"
-        for n, word in (
-            (c.succeeded, "succeeded"),
-            (c.skipped, "skipped"),
-            (c.failed, "failed"),
-            (c.running, "running"),
-            (c.waiting, "waiting"),
-        )
-        if n
-    ]
+    counts = c.nonzero("succeeded", "skipped", "failed", "running", "waiting")
     noun = "node" if c.total == 1 else "nodes"
-    return f"{c.total} {noun}: {', '.join(parts) or 'nothing to do'} in {format_duration(state.elapsed(now))}"
+    return f"{c.total} {noun}: {counts or 'nothing to do'} in {format_duration(state.elapsed(now))}"
 
 
 def render_heartbeat(state: ViewState, *, now: float, names: int = 5) -> str:
