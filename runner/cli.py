@@ -50,6 +50,7 @@ from runner.exec import run_everywhere
 from runner.gitinfo import head_commit
 from runner.gitops import ci, comments
 from runner.gitops.changed import select_changed
+from runner.gitops.changes import GitError, open_repo
 from runner.gitops.config import load_config, merge
 from runner.gitops.plan import (
     DEFAULT_IGNORE,
@@ -1000,6 +1001,32 @@ def _untouched(result: NodeResult) -> bool:
     return any(st.status is Status.SKIPPED for st in result.stages)
 
 
+def _watch_hive(repo: Path, hive_arg: str | None) -> str | None:
+    """`-f` of `waggle watch` as a path inside the clone (each deploy reads it from the
+    fetched commit's tree); None: found in the tree as usual. UsageError naming the file
+    and the repository when it is not inside the clone."""
+    if hive_arg is None:
+        return None
+    try:
+        workdir = open_repo(repo).workdir
+    except GitError:
+        workdir = None  # watch itself reports a bad --repo
+    root = Path(workdir).resolve() if workdir else repo.resolve()
+    path = (Path.cwd() / hive_arg).resolve()
+    if not path.is_relative_to(root):
+        what = (
+            f"is a flake reference, not a path inside the repository {root}"
+            if ":" in hive_arg and not path.exists()
+            else f"({path}) is outside the repository {root}"
+        )
+        raise UsageError(
+            f"watch: -f {hive_arg} {what} (--repo): watch deploys the hive of each fetched "
+            "commit, so -f must name a file or directory inside the clone"
+        )
+    rel = path.relative_to(root).as_posix()
+    return rel if rel != "." else ""
+
+
 async def cmd_watch(ns: argparse.Namespace) -> int:
     settings = WatchSettings(
         repo=ns.repo.resolve(),
@@ -1012,14 +1039,11 @@ async def cmd_watch(ns: argparse.Namespace) -> int:
         once=ns.once,
         fetch_timeout=ns.fetch_timeout,
     )
-    repo_root = ns.repo.resolve()
-    hive_arg = _opt(ns, "config")
-    if hive_arg is not None and not Path(hive_arg).is_absolute():
-        hive_arg = str((Path.cwd() / hive_arg).resolve().relative_to(repo_root))
+    hive_arg = _watch_hive(ns.repo, _opt(ns, "config"))
 
     async def deploy_commit(sha: str, tree: Path) -> RunSummary:
         each = argparse.Namespace(**vars(ns))
-        each.config = str(tree / hive_arg) if hive_arg is not None else str(locate(None, tree).ref)
+        each.config = str(tree / hive_arg) if hive_arg else str(locate(None, tree).ref)
         each.goal, each.changed_since = "switch", None
         each.junit = each.report_md = each.report_json = None  # watch writes its own per commit
         summary = await _run_apply(each, Goal.SWITCH)

@@ -8,7 +8,7 @@ import subprocess
 from typing_extensions import override
 
 from tests.conftest import write_hive
-from tests.helpers import waggle
+from tests.helpers import assert_clean_error, waggle
 
 HIVE = """
 {
@@ -165,3 +165,44 @@ def test_ci_posts_the_plan_as_a_sticky_comment(tmp_path):
     body = json.loads(posts[0][3])["body"]
     assert "<!-- waggle-plan -->" in body and "alpha" in body
     assert "secret-token-123" not in done.stdout + done.stderr
+
+
+# -- -f outside the repository: one line, naming the file and the repository ---------------
+
+
+def outside_layout(tmp_path):
+    """A repository `repo` (one commit, its own hive) and a hive `other/hive.nix` outside it."""
+    repo, other = tmp_path / "repo", tmp_path / "other"
+    repo.mkdir()
+    other.mkdir()
+    write_hive(repo, HIVE)
+    (repo / "alpha.nix").write_text("{ }\n")
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "first")
+    write_hive(other, HIVE)
+    return repo, other / "hive.nix"
+
+
+def test_watch_with_a_hive_outside_the_repo_is_one_line(tmp_path):
+    repo, outside = outside_layout(tmp_path)
+    relative = waggle("watch", "--once", "--repo", "repo", "-f", "other/hive.nix", cwd=tmp_path)
+    assert_clean_error(relative, 2, str(outside), str(repo))
+    absolute = waggle("watch", "--once", "--repo", str(repo), "-f", str(outside), cwd=tmp_path)
+    assert_clean_error(absolute, 2, str(outside), str(repo))
+    flake_ref = waggle("watch", "--once", "--repo", str(repo), "-f", "github:a/b", cwd=tmp_path)
+    assert_clean_error(flake_ref, 2, "github:a/b", str(repo))
+
+
+def test_plan_with_a_hive_outside_the_repo_is_one_line(tmp_path):
+    repo, outside = outside_layout(tmp_path)
+    done = waggle("plan", "--base", "HEAD", "-f", str(outside), cwd=repo)
+    assert_clean_error(done, 2, str(outside), str(repo))
+    # A hive that is a symlink out of the repository: its file is not in the commits.
+    (repo / "linked.nix").symlink_to(outside)
+    done = waggle("plan", "--base", "HEAD", "-f", "linked.nix", cwd=repo)
+    assert_clean_error(done, 2, str(outside), str(repo))
+    (repo / "sub").mkdir()
+    (repo / "sub" / "hive.nix").symlink_to(outside)
+    done = waggle("plan", "--base", "HEAD", cwd=repo / "sub")
+    assert_clean_error(done, 2, str(repo / "sub" / "hive.nix"), str(outside), str(repo))

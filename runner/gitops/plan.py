@@ -35,6 +35,7 @@ from runner.evaluate import EvalSettings, evaluate
 from runner.gitops import cache
 from runner.gitops.cache import SideEval, SideNode
 from runner.gitops.changes import (
+    GitError,
     PathChange,
     change_is_ignored,
     changed_paths,
@@ -193,6 +194,39 @@ def hive_path_of(source: HiveSource) -> Path:
     return source.directory
 
 
+def hive_repository(hive_path: Path) -> pygit2.Repository:
+    """The repository whose commits hold the hive at `hive_path`. UsageError naming the
+    hive and the repository (the one around it, else the working directory's) when the
+    hive is not inside one, or resolves (through a link) to a file outside it."""
+    given = hive_path.absolute()
+    start = given if given.is_dir() else given.parent
+    try:
+        repo: pygit2.Repository | None = open_repo(start)
+    except GitError:
+        repo = None
+    if repo is None:
+        try:
+            around: str | None = open_repo(Path.cwd()).workdir
+        except GitError:
+            around = None
+        if around:
+            raise UsageError(
+                f"plan: the hive {hive_path} is outside the repository {around.rstrip('/')} "
+                "(the working directory's); pass -f with a hive inside the repository to plan"
+            )
+        raise UsageError(f"plan: the hive {hive_path} is not inside a git repository")
+    workdir = repo.workdir
+    if workdir is None:
+        raise UsageError(f"plan: the repository of {hive_path} is bare")
+    real, root = hive_path.resolve(), Path(workdir).resolve()
+    if not real.is_relative_to(root):
+        raise UsageError(
+            f"plan: the hive {hive_path} is {real}, outside the repository {root}: "
+            "the commits do not hold it"
+        )
+    return repo
+
+
 def _relative(repo: pygit2.Repository, hive_path: Path) -> str:
     workdir = repo.workdir
     if workdir is None:
@@ -286,7 +320,7 @@ async def compute_plan(
     flags = flags or NixFlags()
     eval_settings = eval_settings or EvalSettings()
     ignore = tuple(ignore)
-    repo = await asyncio.to_thread(open_repo, hive_path)
+    repo = await asyncio.to_thread(hive_repository, hive_path)
     rel = _relative(repo, hive_path)
     head_rev = head or "HEAD"
     head_commit = await asyncio.to_thread(resolve, repo, head_rev)
