@@ -24,6 +24,7 @@ from runner.gitops.comments import (
     token_from_env,
     upsert_comment,
 )
+from tests.markdown_fences import fenced_blocks
 
 TOKEN = "ghp_s3cr3t-token-value"
 
@@ -334,3 +335,14 @@ def test_fit_body():
     text = fit_body("```\n" + "line\n" * 100, MARKER, 200)
     assert len(text) <= 200
     assert text.count("```") % 2 == 0  # the code block is closed
+
+
+def test_fit_body_closes_a_longer_fence_it_cuts_into():
+    """A code block opened with four backticks (it holds ``` itself) is closed with four."""
+    body = "### beta\n\n````\n" + "```\n## not a heading\n" * 200 + "````\n\nafter\n"
+    text = fit_body(body, MARKER, 1000)
+    assert len(text) <= 1000
+    blocks, outside = fenced_blocks(text)
+    assert len(blocks) == 1
+    assert not any("not a heading" in line for line in outside), text
+    assert any("cut to fit" in line for line in outside), text  # the note is not in the block

@@ -29,6 +29,7 @@ from runner.gitops.plan import (
 )
 from runner.hive.selection import parse_on
 from tests.conftest import STANDIN
+from tests.markdown_fences import fenced_blocks
 
 SYSTEM = f"{platform.machine()}-linux"
 ONE_CHUNK = EvalSettings(node_limit=0)
@@ -355,3 +356,23 @@ def test_flake_hive_in_a_subdirectory(tmp_path):
     p = asyncio.run(compute_plan(repo / "fleet", base, head, eval_settings=ONE_CHUNK))
     assert p.hive == "fleet"
     assert kinds(p) == {"one": "changed", "two": "unchanged"}
+
+
+def test_a_throw_with_backticks_stays_inside_its_code_block(fleet, tmp_path):
+    repo, c = fleet
+    work = tmp_path / "w"
+    git(tmp_path, "clone", "-q", str(repo), str(work))
+    # Nix indents the lines of a throw's message, but prints a trace's lines as they are.
+    message = "bad ``` value\\n```\\n## injected heading\\n[link](https://example.invalid)\\n````"
+    beta = f'{{ ... }}: builtins.trace "{message}" (throw "{message}")\n'
+    bad = commit(work, "throw", {"hosts/beta.nix": beta})
+    p = plan(work, c["bump"], bad)
+    assert p.node("beta").error
+    text = plan_markdown(p)
+    blocks, outside = fenced_blocks(text)
+    inside = [b for b in blocks if "injected heading" in b]
+    assert len(inside) == 1, text
+    assert "bad ``` value" in inside[0] and "[link](https://example.invalid)" in inside[0]
+    assert not any("injected heading" in line for line in outside), text
+    # The report goes on after the block: the changed paths are outside any code block.
+    assert any("changed paths" in line for line in outside), text

@@ -29,6 +29,7 @@ from typing_extensions import override
 from runner import __version__
 from runner.errors import UsageError, WaggleError
 from runner.gitops.ci import CiContext
+from runner.report.markdown import open_fence
 
 MARKER = "<!-- waggle-plan -->"
 GITHUB_BODY_LIMIT = 65536  # "Body is too long (maximum is 65536 characters)"
@@ -81,13 +82,14 @@ def fit_body(body: str, marker: str, limit: int) -> str:
     text = body if marker in body else f"{marker}\n{body}"
     if len(text) <= limit:
         return text
-    room = max(0, limit - len(_TRUNCATED) - len("\n```"))  # room for closing a code block
-    kept = text[:room]
-    if "\n" in kept[len(marker) :]:
-        kept = kept[: kept.rfind("\n")]
-    if len(re.findall(r"^```", kept, flags=re.MULTILINE)) % 2:
-        kept += "\n```"  # do not leave a code block open
-    return kept + _TRUNCATED
+    kept = text[: max(0, limit - len(_TRUNCATED))]
+    while True:  # whole lines only, and a code block the cut ends in is closed
+        if "\n" in kept[len(marker) :]:
+            kept = kept[: kept.rfind("\n")]
+        fence = open_fence(kept)
+        closing = f"\n{fence}" if fence else ""
+        if len(kept) + len(closing) + len(_TRUNCATED) <= limit or "\n" not in kept[len(marker) :]:
+            return kept + closing + _TRUNCATED
 
 
 def upsert_comment(

@@ -50,7 +50,7 @@ from runner.hive.hive import Hive
 from runner.hive.selection import Selector
 from runner.nix import NixFlags
 from runner.report import clean_text, human_bytes, log_tail, one_line
-from runner.report.markdown import code, escape
+from runner.report.markdown import code, code_block, escape
 from runner.results import NodeResult, Stage, StageResult, Status
 
 DEFAULT_IGNORE: tuple[str, ...] = ("**/*.md", "docs/**", ".github/**")
@@ -745,7 +745,7 @@ def plan_markdown(plan: Plan) -> str:
             continue
         lines += [f"### {escape(n.name)}", ""]
         if n.error:
-            lines += ["```", clean_text(n.detail or n.error).strip()[-3000:], "```", ""]
+            lines += [code_block(clean_text(n.detail or n.error).strip()[-3000:]), ""]
         if n.packages is not None:
             if n.packages.entries:
                 lines += [f"- {code(p.describe())}" for p in n.packages.entries]

@@ -77,6 +77,7 @@ _TAIL_LEVELS: tuple[tuple[int, int], ...] = (
 _NOT_SELECTED_SHOWN = 20
 _MESSAGE_CHARS = 2000
 _ESCAPE = re.compile(r"([\\`*_\[\]<>|~&])")
+_FENCE_LINE = re.compile(r"^ {0,3}(`{3,})([^`]*)$")
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,22 @@ def code_block(text: str) -> str:
     """A fenced code block holding `text`: the fence is longer than any backtick run in it."""
     fence = "`" * max(3, max((len(r) for r in re.findall("`+", text)), default=0) + 1)
     return f"{fence}\n{text}\n{fence}"
+
+
+def open_fence(text: str) -> str | None:
+    """The fence of the backtick code block still open at the end of `text`, or None
+    (CommonMark: an opening fence is 3+ backticks after at most 3 spaces; a closing one is
+    at least as many backticks alone on a line). For closing a block that a cut ends in."""
+    fence: str | None = None
+    for line in text.split("\n"):
+        match = _FENCE_LINE.match(line)
+        if match is None:
+            continue
+        if fence is None:
+            fence = match.group(1)
+        elif len(match.group(1)) >= len(fence) and not match.group(2).strip():
+            fence = None
+    return fence
 
 
 def _headline(summary: RunSummary) -> str:
