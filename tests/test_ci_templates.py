@@ -223,3 +223,102 @@ def test_pending_subcommand_lines_parse():
     pending = [(p, line) for p, line in command_lines() if split(p, line)[0] not in known]
     # Every subcommand the templates use exists (waggle ci, waggle plan, ...).
     assert pending == []
+
+
+# -- installing Waggle: the project's own distribution, pinned -------------------------------
+
+DISTRIBUTION = "waggle-deploy"  # "waggle" on the package index is an unrelated project
+PINNED = re.compile(
+    rf"^{DISTRIBUTION}==\d+(\.\d+)*$"  # an exact release
+    rf"|^(({DISTRIBUTION}|waggle) @ )?git\+https://\S+@[0-9a-f]{{40}}(#egg={DISTRIBUTION})?$"
+)
+_VALUE_FLAGS = {"-r", "--requirement", "-c", "--constraint", "-t", "--target", "-i", "--index-url"}
+
+
+def template_files() -> list[Path]:
+    return [*yaml_files(), TEMPLATES / "README.md"]
+
+
+def scalars_by_key(data: Any, out: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """Every string value in a YAML document under its key, at any depth (env, variables,
+    environment, inputs' defaults)."""
+    out = {} if out is None else out
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if isinstance(value, str | int | float) and not isinstance(value, bool):
+                out.setdefault(str(key), []).append(str(value))
+            else:
+                scalars_by_key(value, out)
+    elif isinstance(data, list):
+        for item in data:
+            scalars_by_key(item, out)
+    return out
+
+
+def resolve_spec(spec: str, path: Path, depth: int = 0) -> list[str]:
+    """What a pip argument stands for: `$VAR`, `${VAR}` and `${{ inputs.NAME }}` are looked
+    up in the file (every value it may take); anything else is itself."""
+    var = re.fullmatch(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", spec)
+    expr = re.fullmatch(r"\$\{\{\s*inputs\.([A-Za-z0-9_-]+)\s*\}\}", spec)
+    if not (var or expr) or depth > 5:
+        return [spec]
+    docs = load_all(path) if path.suffix in (".yml", ".yaml") else []
+    values: list[str] = []
+    for doc in docs:
+        if expr:
+            inputs = doc.get("inputs", {}) if isinstance(doc, dict) else {}
+            values += (
+                [str(inputs[expr.group(1)].get("default", ""))] if expr.group(1) in inputs else []
+            )
+        else:
+            values += scalars_by_key(doc).get(var.group(1), []) if var else []
+    assert values, (path, f"{spec} is set nowhere in the template")
+    return [v for value in values for v in resolve_spec(value.strip(), path, depth + 1)]
+
+
+def pip_installs(path: Path) -> list[tuple[str, list[str]]]:
+    """(line, the packages it installs, variables resolved) for each `pip install` line."""
+    found = []
+    for line in path.read_text().splitlines():
+        match = re.search(r"\bpip3?\s+install\s+(.*)$", line)
+        if match is None:
+            continue
+        command = re.split(r"\s*(?:&&|\|\||;|\|)\s*", match.group(1))[0]
+        argv = shlex.split(command, comments=True)
+        specs: list[str] = []
+        skip = False
+        for arg in argv:
+            if skip:
+                skip = False
+            elif arg in _VALUE_FLAGS:
+                skip = True
+            elif not arg.startswith("-"):
+                specs += resolve_spec(arg, path)
+        found.append((line.strip(), specs))
+    return found
+
+
+def test_templates_install_the_pinned_waggle_distribution():
+    for path in yaml_files():
+        installs = pip_installs(path)
+        assert installs, (path, "installs nothing")
+    for path in template_files():
+        for line, specs in pip_installs(path):
+            assert specs, (path, line)
+            for spec in specs:
+                assert PINNED.match(spec), (
+                    f"{path.relative_to(TEMPLATES)}: `{line}` installs {spec!r}: a bare or "
+                    f"unpinned name; use {DISTRIBUTION}==VERSION or git+https://...@COMMIT"
+                )
+
+
+def test_the_distribution_is_not_named_waggle():
+    import tomllib
+
+    project = tomllib.loads((TEMPLATES.parent / "pyproject.toml").read_text())["project"]
+    assert project["name"] == DISTRIBUTION
+    assert project["scripts"] == {"waggle": "runner.cli:main"}  # the command stays `waggle`
+    version = project["version"]
+    for path in yaml_files():
+        pins = {s for _, specs in pip_installs(path) for s in specs if "==" in s}
+        assert pins <= {f"{DISTRIBUTION}=={version}"}, (path, pins, version)
