@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runner import nix, process
-from runner.errors import NixError
+from runner.errors import NixError, failure_text
 from runner.evaluate import EvalRun, EvalSettings, NodeEval, evaluate
 from runner.events import Emitter, Sink, discard
 from runner.hive.hive import Hive
@@ -130,6 +130,17 @@ async def evaluate_and_build(
     validity = _Validity()
 
     async def build_one(ev: NodeEval) -> NodeResult:
+        try:
+            result = await build_then(ev)
+        except Exception as e:  # noqa: BLE001 - a bug or surprise stays this node's failure
+            message, detail = failure_text(e)
+            failed = StageResult(Stage.BUILD, Status.FAILED, 0.0, message, detail, time.time())
+            emit.end(ev.name, failed)
+            result = NodeResult(ev.name, (_eval_stage(ev), failed), ev.drv_path, ev.out_path)
+        emit.done(result)
+        return result
+
+    async def build_then(ev: NodeEval) -> NodeResult:
         eval_stage = _eval_stage(ev)
         emit.end(ev.name, eval_stage)
         if build_settings is None or ev.name in build_elsewhere or not ev.ok:
@@ -156,7 +167,6 @@ async def evaluate_and_build(
             emit.end(ev.name, result.stages[-1])
         if then is not None and result.ok:
             result = await then(result)
-        emit.done(result)
         return result
 
     def on_result(ev: NodeEval) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 from typing_extensions import override
 
-from runner import __version__, nix
+from runner import __version__, interrupt, nix
 from runner.build import BuildSettings, evaluate_and_build
 from runner.deploy import DeploySettings, Goal, deploy, goal_stages
 from runner.errors import (
@@ -45,7 +45,7 @@ class ReportError(WaggleError):
 
 
 from runner.evaluate import EvalRun, EvalSettings, MemoryBudget, parse_size
-from runner.events import Sink
+from runner.events import Recorder, Sink
 from runner.exec import run_everywhere
 from runner.gitinfo import head_commit
 from runner.gitops import ci, comments
@@ -82,13 +82,20 @@ exit codes:
   1    one or more nodes failed; the others still ran
   2    usage or hive error before any node ran (bad flag, bad --on,
        hive not found or does not evaluate, nix missing)
-  130  interrupted
+  130  interrupted (SIGINT, Ctrl-C)
+  143  terminated (SIGTERM, e.g. a cancelled CI job); reports are still written
 """
 
 GOALS = tuple(str(g) for g in Goal)
 
 
 class _Parser(argparse.ArgumentParser):
+    """One-line errors; no abbreviated flags (a later flag would change old command lines)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
     @override
     def error(self, message: str) -> Any:  # one line, exit 2, no usage dump
         self.exit(EXIT_USAGE, f"waggle: error: {message} (see {self.prog} --help)\n")
@@ -776,36 +783,18 @@ async def _run_apply(ns: argparse.Namespace, goal: Goal | None = None) -> RunSum
         selection = Selection(
             chosen, {n: selection.configs[n] for n in chosen}, selection.all_names
         )
-    on_target = ns.build_on_target
-    nodes: list[NodeResult] = []
-    if not selection.names:
-        pass  # nothing changed: nothing to evaluate, build or deploy
-    elif goal is Goal.BUILD and not (
-        on_target
-        or (on_target is None and any(c.build_on_target for c in selection.configs.values()))
-    ):
-        # Nothing goes to a host: evaluate and build here.
-        with _progress(ns, selection.names) as out:
-            built = await evaluate_and_build(
-                hive, selection.names, eval_settings, build_settings, events=out
-            )
-            _log_evaluation(built.evaluation)
-        nodes = list(built.nodes)
-    else:
-        settings = _deploy_settings(ns, goal, hive)
-        with _progress(ns, selection.names, plain=goal is Goal.DRY_ACTIVATE) as out:
-            run = await deploy(
-                hive,
-                selection.configs,
-                selection.names,
-                eval_settings,
-                build_settings,
-                settings,
-                events=out,
-            )
-            if run.build is not None:
-                _log_evaluation(run.build.evaluation)
-        nodes = list(run.nodes)
+    stages = goal_stages(
+        goal, reboot=getattr(ns, "reboot", False), keys=not getattr(ns, "no_keys", False)
+    )
+    recorder = Recorder()
+    stopped: asyncio.CancelledError | None = None
+    try:
+        nodes = await _evaluate_or_deploy(
+            ns, goal, hive, selection, eval_settings, build_settings, recorder
+        )
+    except asyncio.CancelledError as e:  # SIGTERM / Ctrl-C: report what is known, then stop
+        stopped = e
+        nodes = recorder.results(selection.names, stages, interrupt.reason())
     if changed_since is not None and goal is not Goal.UPLOAD_KEYS:
         nodes = [replace(r, reason=changes.deploy.get(r.name, "")) for r in nodes]
     order = {n: i for i, n in enumerate(selection.all_names)}
@@ -822,14 +811,55 @@ async def _run_apply(ns: argparse.Namespace, goal: Goal | None = None) -> RunSum
         commit=head_commit(hive.source.directory),
         started_at=started_at,
         seconds=time.monotonic() - start,
-        stages=goal_stages(
-            goal, reboot=getattr(ns, "reboot", False), keys=not getattr(ns, "no_keys", False)
-        ),
+        stages=stages,
         nodes=tuple(nodes),
         not_selected=tuple(n for n in selection.all_names if n not in taken),
     )
     _write_reports(ns, summary)
+    if stopped is not None:
+        raise stopped
     return summary
+
+
+async def _evaluate_or_deploy(
+    ns: argparse.Namespace,
+    goal: Goal,
+    hive: Hive,
+    selection: Selection,
+    eval_settings: EvalSettings,
+    build_settings: BuildSettings,
+    recorder: Recorder,
+) -> list[NodeResult]:
+    on_target = ns.build_on_target
+    if not selection.names:
+        return []  # nothing changed: nothing to evaluate, build or deploy
+    if goal is Goal.BUILD and not (
+        on_target
+        or (on_target is None and any(c.build_on_target for c in selection.configs.values()))
+    ):
+        # Nothing goes to a host: evaluate and build here.
+        with _progress(ns, selection.names) as out:
+            recorder.sink = out
+            built = await evaluate_and_build(
+                hive, selection.names, eval_settings, build_settings, events=recorder
+            )
+            _log_evaluation(built.evaluation)
+        return list(built.nodes)
+    settings = _deploy_settings(ns, goal, hive)
+    with _progress(ns, selection.names, plain=goal is Goal.DRY_ACTIVATE) as out:
+        recorder.sink = out
+        run = await deploy(
+            hive,
+            selection.configs,
+            selection.names,
+            eval_settings,
+            build_settings,
+            settings,
+            events=recorder,
+        )
+        if run.build is not None:
+            _log_evaluation(run.build.evaluation)
+    return list(run.nodes)
 
 
 def _write_reports(ns: argparse.Namespace, summary: RunSummary) -> None:
@@ -1297,12 +1327,12 @@ def run(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        return asyncio.run(COMMANDS[ns.command](ns))
+        return asyncio.run(interrupt.cancelled_on_signals(COMMANDS[ns.command](ns)))
     except WaggleError as e:
         if debug:
             traceback.print_exc()
         _print_error(e)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("waggle: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print(f"waggle: {interrupt.reason()}", file=sys.stderr)
+        return interrupt.exit_status(EXIT_INTERRUPTED)

@@ -25,7 +25,7 @@ from typing_extensions import override
 
 from runner import activation, keys
 from runner.build import BuildRun, BuildSettings, evaluate_and_build
-from runner.errors import WaggleError
+from runner.errors import WaggleError, failure_text
 from runner.evaluate import EvalSettings
 from runner.events import Emitter, Sink, discard
 from runner.hive.hive import Hive
@@ -135,6 +135,13 @@ class _Pipeline:
     host: Host
     emit: Emitter
     stages: list[StageResult] = field(default_factory=list)
+    current: Stage = Stage.PUSH  # the stage running, or the next one between stages
+
+    def fail(self, stage: Stage, message: str, detail: str = "") -> None:
+        """Record `stage` as failed without running it (a check or an error between stages)."""
+        failed = StageResult(stage, Status.FAILED, 0.0, message, detail, started_at=time.time())
+        self.stages.append(failed)
+        self.emit.end(self.config.name, failed)
 
     async def stage(
         self,
@@ -151,11 +158,13 @@ class _Pipeline:
             self.emit.end(node, result)
             return skipped
         self.emit.start(node, stage)
+        self.current = stage
         try:
             outcome = await work()
-        except WaggleError as e:
+        except Exception as e:
+            message, detail = failure_text(e)
             failed = StageResult(
-                stage, Status.FAILED, time.monotonic() - start, e.message, e.detail, started_at
+                stage, Status.FAILED, time.monotonic() - start, message, detail, started_at
             )
             self.stages.append(failed)
             self.emit.end(node, failed)
@@ -194,6 +203,7 @@ async def _deploy_node(
 ) -> NodeResult:
     goal = settings.goal
     p = _Pipeline(config, settings, host, emit)
+    p.current = Stage.KEYS if goal is Goal.UPLOAD_KEYS else Stage.PUSH
     toplevel = built.out_path
     build_on_target = (
         settings.build_on_target if settings.build_on_target is not None else config.build_on_target
@@ -240,7 +250,9 @@ async def _deploy_node(
 
             assert toplevel is not None
             if settings.keys:
+                p.current = Stage.KEYS
                 await p.keys_stage(Stage.KEYS, "pre-activation", False)
+            p.current = Stage.ACTIVATE
             current = await activation.current_system(host)
             if (
                 not config.replace_unknown_profiles
@@ -248,15 +260,11 @@ async def _deploy_node(
                 and current.profile is not None
                 and not os.path.exists(current.profile)
             ):
-                failed = StageResult(
+                p.fail(
                     Stage.ACTIVATE,
-                    Status.FAILED,
-                    0.0,
                     f"unknown active profile {current.profile} (replaceUnknownProfiles is false; "
                     "--force-replace-unknown-profiles overrides)",
-                    started_at=time.time(),
                 )
-                p.stages.append(failed)
                 return _result(built, p.stages)
             unchanged = _unchanged(goal, toplevel, current)
             if unchanged and not settings.force and not settings.reboot:
@@ -292,9 +300,13 @@ async def _deploy_node(
 
                     await p.stage(Stage.CONFIRM, reboot)
             if settings.keys:
+                p.current = Stage.POST_KEYS
                 await p.keys_stage(Stage.POST_KEYS, "post-activation", True)
     except _StageFailedError:
         pass
+    except Exception as e:  # noqa: BLE001 - between stages: still this node's failure
+        message, detail = failure_text(e)
+        p.fail(p.current, message, detail)
     return _result(built, p.stages)
 
 
@@ -326,6 +338,12 @@ async def _keys(
         timeout=settings.key_timeout,
     )
     return outcome.message
+
+
+async def _close(host: Host) -> None:
+    """Close a host's connection; idempotent, never raises, bounded by the host's own close."""
+    with contextlib.suppress(Exception):
+        await host.close()
 
 
 def _result(built: NodeResult, stages: Sequence[StageResult]) -> NodeResult:
@@ -387,11 +405,15 @@ async def deploy(
     hosts: dict[str, Host] = {n: make_host(configs[n]) for n in reachable if n in needs_host}
 
     async def then(built: NodeResult) -> NodeResult:
-        if built.name not in hosts:
+        host = hosts.get(built.name)
+        if host is None:
             return built
-        return await _deploy_node(
-            built, configs[built.name], settings, hosts[built.name], permits, emit
-        )
+        try:
+            return await _deploy_node(built, configs[built.name], settings, host, permits, emit)
+        finally:
+            # Done with this host: its connection (and temp ssh config) goes now, not at
+            # the end of the run, so a large fleet never holds a socket per finished node.
+            await _close(host)
 
     try:
         if goal is Goal.UPLOAD_KEYS:
@@ -417,7 +439,6 @@ async def deploy(
             results = list(run.nodes)
     finally:
         for host in hosts.values():
-            with contextlib.suppress(Exception):
-                await host.close()
+            await _close(host)
     by_name = {r.name: r for r in [*results, *skipped]}
     return DeployRun(tuple(by_name[n] for n in names), run)

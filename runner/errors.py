@@ -6,6 +6,8 @@ message is one line a user can act on and names the thing that is wrong.
 
 from __future__ import annotations
 
+import traceback
+
 from typing_extensions import override
 
 EXIT_OK = 0
@@ -56,3 +58,16 @@ class NodesFailedError(WaggleError):
     """One or more nodes failed; the others ran (exit 1)."""
 
     exit_code = 1
+
+
+def failure_text(error: BaseException) -> tuple[str, str]:
+    """(one-line message, detail) for a failure that ends one node's stage.
+
+    Waggle's own errors say what went wrong; anything else is a bug or an
+    unexpected condition: "internal error: ..." with the traceback as detail.
+    """
+    if isinstance(error, WaggleError):
+        return error.message, error.detail
+    text = " ".join(str(error).split()) or "no message"
+    detail = "".join(traceback.format_exception(error))
+    return f"internal error: {type(error).__name__}: {text}", detail

@@ -348,6 +348,23 @@ class Evaluator:
         pending: deque[str] = deque(names)
         retries: deque[_Chunk] = deque()
         running: dict[asyncio.Task[list[_Chunk]], float] = {}
+        try:
+            await self._loop(planner, pending, retries, running)
+        finally:
+            # Cancelled (Ctrl-C, SIGTERM) or failed: no evaluator outlives the run.
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.wait(running)
+        return EvalRun(self.results, tuple(self.stats), self.budget, self.peak_total, time.time())
+
+    async def _loop(
+        self,
+        planner: Planner,
+        pending: deque[str],
+        retries: deque[_Chunk],
+        running: dict[asyncio.Task[list[_Chunk]], float],
+    ) -> None:
         while pending or retries or running:
             while (pending or retries) and len(running) < planner.workers:
                 if retries:
@@ -370,7 +387,6 @@ class Evaluator:
             for task in done:
                 self._running_memory -= running.pop(task)
                 retries.extend(task.result())
-        return EvalRun(self.results, tuple(self.stats), self.budget, self.peak_total, time.time())
 
     async def _finish(self, result: NodeEval) -> None:
         self.results[result.name] = result

@@ -7,13 +7,13 @@ view and the plain CI log consume them. Reports read the final NodeResults.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
 from typing_extensions import override
 
-from runner.results import NodeResult, Stage, StageResult
+from runner.results import NodeResult, Stage, StageResult, Status
 
 
 class EventKind(Enum):
@@ -66,3 +66,51 @@ class Emitter:
 
     def done(self, result: NodeResult) -> None:
         self.sink(Event(result.name, EventKind.NODE_END, node_result=result))
+
+
+@dataclass
+class Recorder:
+    """Passes events on and remembers each node's progress.
+
+    When a run is stopped midway (SIGTERM, Ctrl-C), its pipeline returns no
+    results; the recorder still knows which stages ended how, and which stage
+    each unfinished node was in, so the reports can say so.
+    """
+
+    sink: Sink = discard
+    _ended: dict[str, list[StageResult]] = field(default_factory=dict)
+    _running: dict[str, tuple[Stage, float]] = field(default_factory=dict)
+    _done: dict[str, NodeResult] = field(default_factory=dict)
+
+    def __call__(self, event: Event) -> None:
+        if event.kind is EventKind.STAGE_START and event.stage is not None:
+            self._running[event.node] = (event.stage, event.time)
+        elif event.kind is EventKind.STAGE_END and event.result is not None:
+            self._ended.setdefault(event.node, []).append(event.result)
+            self._running.pop(event.node, None)
+        elif event.kind is EventKind.NODE_END and event.node_result is not None:
+            self._done[event.node] = event.node_result
+        self.sink(event)
+
+    def results(
+        self, names: Sequence[str], stages: Sequence[Stage], reason: str
+    ) -> list[NodeResult]:
+        """Each node's result so far; an unfinished node fails in the stage it was in."""
+        results = []
+        now = time.time()
+        for name in names:
+            if name in self._done:
+                results.append(self._done[name])
+                continue
+            ended = self._ended.get(name, [])
+            if name in self._running:
+                stage, started = self._running[name]
+            else:
+                seen = {r.stage for r in ended}
+                stage = next(
+                    (s for s in stages if s not in seen), stages[-1] if stages else Stage.EVAL
+                )
+                started = now
+            failed = StageResult(stage, Status.FAILED, now - started, reason, started_at=started)
+            results.append(NodeResult(name, (*ended, failed)))
+        return results

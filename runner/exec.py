@@ -22,6 +22,18 @@ class ExecOutcome:
     stderr: str = ""
 
 
+def remote_argv(command: Sequence[str]) -> list[str]:
+    """What runs on the host for `waggle exec -- COMMAND...`.
+
+    One argument is a shell command line, as with Colmena (and ssh): pipes,
+    redirections and `&&` work (`waggle exec -- 'journalctl -u x | tail'`).
+    Several arguments run exactly as given, each one quoted.
+    """
+    if len(command) == 1:
+        return ["sh", "-c", command[0]]
+    return list(command)
+
+
 async def run_everywhere(
     configs: Mapping[str, NodeConfig],
     names: Sequence[str],
@@ -40,7 +52,7 @@ async def run_everywhere(
         host = ssh_host_for(config, ssh)
         async with limit:
             try:
-                done = await host.run(argv, timeout=timeout)
+                done = await host.run(remote_argv(argv), timeout=timeout)
             except HostError as e:
                 return ExecOutcome(name, False, e.message)
             finally:

@@ -75,8 +75,20 @@ class _Sampler:
 
 
 def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    """Kill the process, its group and every descendant.
+
+    Descendants are collected first: Nix runs builders in sessions of their
+    own, so a builder is not in nix-store's process group and would outlive it.
+    """
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+    for child in descendants:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
 
 
 async def run(

@@ -244,3 +244,29 @@ def test_machines_file_builders_reach_nix(tmp_path):
     assert "node alpha: build failed" in done.stderr
     assert "127.0.0.254" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_abbreviated_flags_are_refused(tmp_path):
+    # argparse would take `--cache` as `--cache-dir` and `--paral` as `--parallel`: a later
+    # flag starting the same way would then change what existing CI command lines mean.
+    write_hive(tmp_path, SIMPLE)
+    for args in (
+        ("apply", "switch", "--cache", "x"),
+        ("apply", "switch", "--paral", "2"),
+        ("plan", "--base", "HEAD", "--cache", "x"),
+        ("--show-tr", "nodes"),
+    ):
+        done = waggle(*args, cwd=tmp_path)
+        assert_clean_error(done, 2, "unrecognized arguments")
+
+
+def test_no_parser_allows_abbreviations():
+    import argparse
+
+    from runner.cli import build_parser
+
+    parser = build_parser()
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    parsers = [parser, *(p for s in subparsers for p in s.choices.values())]
+    assert len(parsers) > 10
+    assert all(p.allow_abbrev is False for p in parsers)

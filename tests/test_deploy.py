@@ -263,6 +263,19 @@ def test_upload_keys_and_exec(fleet, hive):
     assert "=== host4: exit 1 ===" in done.stdout
 
 
+def test_exec_single_string_runs_through_the_remote_shell(fleet, hive):
+    # As with Colmena (and ssh): one argument is a shell command line.
+    set_release(hive, "seven")
+    ssh = ("--ssh-config", str(fleet.ssh_config))
+    done = waggle("exec", "--on", "host2", *ssh, "--", "hostname | tr a-z A-Z", cwd=hive)
+    assert done.returncode == 0, done.stderr
+    assert "=== host2: exit 0 ===\nHOST2" in done.stdout
+    # Several arguments still run exactly as given: the `|` is an argument of echo.
+    done = waggle("exec", "--on", "host2", *ssh, "--", "echo", "a", "|", "b", cwd=hive)
+    assert done.returncode == 0, done.stderr
+    assert "=== host2: exit 0 ===\na | b" in done.stdout
+
+
 def test_node_without_target_host_is_skipped(fleet, hive):
     set_release(hive, "eight", host4="{ deployment.targetHost = null; }")
     done = apply(hive, fleet, "push", "--on", "host4")

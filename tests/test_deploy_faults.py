@@ -1,0 +1,395 @@
+"""A failure stays its node's; a stopped run cleans up and reports (real sshd hosts, real nix).
+
+- a host that drops out between two stages fails that node only (the others deploy);
+- a bug (any exception) inside one node's pipeline is that node's "internal error";
+- an ssh option asyncssh cannot parse fails its node, with a one-line message;
+- a finished node's connection (and its temp ssh config) is closed right away;
+- SIGTERM (a cancelled CI job) stops the run like Ctrl-C: local children killed, reports
+  written with the unfinished nodes marked, exit 143; host activations finish by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import psutil
+import pytest
+
+from runner.build import BuildSettings
+from runner.deploy import DeploySettings, Goal, deploy, ssh_host_for
+from runner.evaluate import EvalSettings
+from runner.events import Event, EventKind
+from runner.hive.discovery import locate
+from runner.hive.hive import Hive
+from runner.hive.model import NodeConfig
+from runner.hosts import LineCallback, RemoteResult
+from runner.hosts.ssh import SshHost, SshSettings
+from runner.nix import NixFlags
+from runner.results import NodeResult, Stage
+from tests.conftest import ROOT, needs_fleet, write_hive
+from tests.fleet import Fleet, free_first_octet
+
+pytestmark = needs_fleet()
+
+NAMES = ("host1", "host2", "host3")
+
+HIVE = """
+{
+  meta.nixpkgs = import @NIXPKGS@ { };
+  defaults = { name, pkgs, ... }: {
+    networking.hostName = name;
+    environment.systemPackages = [ pkgs.hello ];
+    environment.etc.release.text = "@RELEASE@";
+  };
+@NODES@
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory) -> Iterator[Fleet]:
+    d = tmp_path_factory.mktemp("fleet")
+    with Fleet.start(d, len(NAMES), names=list(NAMES), first_octet=free_first_octet(3, 100)) as f:
+        yield f
+
+
+def hive_at(directory: Path, **modules: str) -> Hive:
+    """A hive of host1..host3 with a fresh release (so every host activates), plus modules."""
+    nodes = "\n".join(f"  {n} = {{ ... }}: {modules.get(n, '{ }')};" for n in NAMES)
+    text = HIVE.replace("@RELEASE@", uuid.uuid4().hex).replace("@NODES@", nodes)
+    path = write_hive(directory, text)
+    return Hive(locate(str(path), directory), NixFlags())
+
+
+def run_deploy(
+    hive: Hive,
+    fleet: Fleet,
+    *,
+    on_event=None,
+    host_factory=None,
+    goal: Goal = Goal.SWITCH,
+) -> dict[str, NodeResult]:
+    ssh = SshSettings(config_files=(str(fleet.ssh_config),))
+
+    async def main():
+        names = await hive.node_names()
+        configs = await hive.deployment(names)
+        run = await deploy(
+            hive,
+            configs,
+            names,
+            EvalSettings(),
+            BuildSettings(),
+            DeploySettings(goal=goal, ssh=ssh, activation_timeout=60),
+            host_factory=host_factory or (lambda c: ssh_host_for(c, ssh)),
+            events=on_event,
+        )
+        return {r.name: r for r in run.nodes}
+
+    return asyncio.run(main())
+
+
+def test_host_dropping_out_between_stages_fails_only_that_node(fleet, tmp_path):
+    # Right after its push, host2 stops running commands (sshd restarted with a
+    # ForceCommand that fails): reading its current system, between the push and the
+    # activate stage, fails. That was an exception escaping the pipeline, cancelling
+    # host1 and host3 mid-deploy and writing no reports.
+    config = fleet["host2"].root / "sshd_config"
+    saved = config.read_text()
+
+    def on_event(event: Event) -> None:
+        if (
+            event.node == "host2"
+            and event.kind is EventKind.STAGE_END
+            and event.stage is Stage.PUSH
+        ):
+            fleet.configure_sshd("host2", "ForceCommand /bin/false")
+
+    try:
+        results = run_deploy(hive_at(tmp_path), fleet, on_event=on_event)
+    finally:
+        config.write_text(saved)
+        fleet.start_host("host2")
+    assert results["host1"].ok, results["host1"].failure
+    assert results["host3"].ok, results["host3"].failure
+    failure = results["host2"].failure
+    assert failure is not None
+    assert failure.stage is Stage.ACTIVATE
+    assert "could not read the current system" in failure.message
+
+
+class BuggyHost:
+    """A real host whose `run` raises a plain exception for one command (a bug's stand-in)."""
+
+    def __init__(self, inner: SshHost) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input_data: bytes | None = None,
+        timeout: float | None = None,
+        privileged: bool = True,
+        on_line: LineCallback | None = None,
+    ) -> RemoteResult:
+        if any("readlink" in a for a in argv):
+            raise RuntimeError("boom\nsecond line")
+        return await self.inner.run(
+            argv, input_data=input_data, timeout=timeout, privileged=privileged, on_line=on_line
+        )
+
+    async def run_fed(self, argv, chunks, *, timeout=None, privileged=True) -> RemoteResult:
+        return await self.inner.run_fed(argv, chunks, timeout=timeout, privileged=privileged)
+
+    async def write_file(self, path, data, *, mode, timeout=None) -> None:
+        await self.inner.write_file(path, data, mode=mode, timeout=timeout)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def test_an_exception_inside_one_pipeline_is_that_nodes_internal_error(fleet, tmp_path):
+    ssh = SshSettings(config_files=(str(fleet.ssh_config),))
+
+    def factory(c: NodeConfig):
+        host = ssh_host_for(c, ssh)
+        return BuggyHost(host) if c.name == "host2" else host
+
+    results = run_deploy(hive_at(tmp_path), fleet, host_factory=factory)
+    assert results["host1"].ok and results["host3"].ok
+    failure = results["host2"].failure
+    assert failure is not None and failure.stage is Stage.ACTIVATE
+    assert failure.message == "internal error: RuntimeError: boom second line"
+    assert "Traceback" in failure.detail and "BuggyHost" not in failure.message
+
+
+def waggle_proc(hive_dir: Path, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "runner", *args],
+        cwd=hive_dir,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_unparsable_ssh_option_fails_its_node_only(fleet, tmp_path):
+    hive_at(tmp_path, host3='{ deployment.sshOptions = [ "-o" "Port=notaport" ]; }')
+    done = subprocess.run(
+        [sys.executable, "-m", "runner", "apply", "switch", "--ssh-config", str(fleet.ssh_config)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    rows = dict(line.split("\t", 1) for line in done.stdout.splitlines() if "\t" in line)
+    assert rows["host1"].startswith("ok") and rows["host2"].startswith("ok"), done.stdout
+    assert rows["host3"].startswith("failed"), done.stdout
+    assert "Port" in rows["host3"] and "\n" not in rows["host3"]
+
+
+def established_to(address: str) -> list:
+    return [
+        c
+        for c in psutil.Process().net_connections(kind="tcp")
+        if c.raddr and c.raddr.ip == address and c.status == psutil.CONN_ESTABLISHED
+    ]
+
+
+def test_a_finished_nodes_connection_is_closed_at_once(fleet, tmp_path):
+    # host2 activates slowly; host1 is done long before. With sshOptions, host1 also has a
+    # temp ssh config file, which must go with its connection.
+    hive = hive_at(
+        tmp_path,
+        host1='{ deployment.sshOptions = [ "-o" "ServerAliveCountMax=5" ]; }',
+        host2="{ standin.activation.hangSeconds = 4; }",
+    )
+    ssh = SshSettings(config_files=(str(fleet.ssh_config),))
+    hosts: dict[str, SshHost] = {}
+    snippet: list[str] = []
+    seen: dict[str, object] = {}
+
+    def factory(c: NodeConfig) -> SshHost:
+        hosts[c.name] = ssh_host_for(c, ssh)
+        return hosts[c.name]
+
+    def on_event(event: Event) -> None:
+        if event.node != "host1":
+            return
+        if event.kind is EventKind.STAGE_END and event.stage is Stage.PUSH:
+            snippet.append(hosts["host1"]._snippet or "")
+            seen["during"] = len(established_to(fleet["host1"].address))
+        if event.kind is EventKind.NODE_END:
+            seen["after"] = len(established_to(fleet["host1"].address))
+            seen["snippet_left"] = bool(snippet and snippet[0] and os.path.exists(snippet[0]))
+            seen["host2_done"] = "host2" in seen
+
+        if event.node == "host2" and event.kind is EventKind.NODE_END:
+            seen["host2"] = True
+
+    results = run_deploy(hive, fleet, host_factory=factory, on_event=on_event)
+    assert all(r.ok for r in results.values()), [r.failure for r in results.values()]
+    assert seen["during"] == 1  # the check sees the connection while it is in use
+    assert snippet and snippet[0]
+    assert seen["after"] == 0, "host1's connection stayed open after host1 was done"
+    assert seen["snippet_left"] is False
+    assert seen["host2_done"] is False  # host1 finished while host2 still activated
+
+
+def wait_for(check, timeout: float, what: str, proc: subprocess.Popen[str] | None = None) -> float:
+    start = time.monotonic()
+    while not check():
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"waggle ended ({proc.returncode}) before {what}: {out}{err}")
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+def with_marker(marker: str) -> list[int]:
+    """PIDs of processes whose environment holds WAGGLE_TEST_MARKER=marker."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("WAGGLE_TEST_MARKER") == marker:
+                found.append(p.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_sigterm_during_activation_writes_reports_and_exits_143(fleet, tmp_path):
+    hive_dir = tmp_path / "hive"
+    hive_dir.mkdir()
+    # TMPDIR for waggle's temp ssh configs; Nix's builders (build users) must reach it too.
+    temp = Path(tempfile.mkdtemp(prefix="waggle-faults-", dir="/tmp"))
+    temp.chmod(0o755)
+    hive_at(
+        hive_dir,
+        host2='{ standin.activation.hangSeconds = 6; deployment.sshOptions = [ "-C" ]; }',
+        host3='{ deployment.sshOptions = [ "-C" ]; }',
+    )
+    log = fleet["host2"].path("/run/standin/activations.log")
+    before = log.read_text().count("\n") if log.exists() else 0
+    log1 = fleet["host1"].path("/run/standin/activations.log")
+    before1 = log1.read_text().count("\n") if log1.exists() else 0
+    report = tmp_path / "report.json"
+    proc = waggle_proc(
+        hive_dir,
+        "apply",
+        "switch",
+        "--plain",
+        "--ssh-config",
+        str(fleet.ssh_config),
+        "--report-json",
+        str(report),
+        "--junit",
+        str(tmp_path / "junit.xml"),
+        env={"TMPDIR": str(temp)},
+    )
+    try:
+        wait_for(
+            lambda: log.exists() and log.read_text().count("\n") > before,
+            120,
+            "host2's activation to start",
+            proc,
+        )
+        wait_for(
+            lambda: log1.exists() and log1.read_text().count("\n") > before1,
+            120,
+            "host1's activation",
+            proc,
+        )
+        time.sleep(1)  # host1's activation is quick: it is done by now
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=20)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err
+    assert took < 15, took
+    assert "Traceback" not in err
+    assert "interrupted by SIGTERM" in err
+    data = json.loads(report.read_text())
+    nodes = {n["name"]: n for n in data["nodes"]}
+    host2 = nodes["host2"]
+    assert host2["status"] == "failed", host2
+    stages = {s["stage"]: s for s in host2["stages"]}
+    assert stages["activate"]["status"] == "failed"
+    assert stages["activate"]["message"] == "interrupted by SIGTERM"
+    assert nodes["host1"]["status"] == "ok", nodes["host1"]
+    assert (tmp_path / "junit.xml").exists()
+    assert list(temp.glob("waggle-ssh-*")) == []  # temp ssh config files removed
+    shutil.rmtree(temp)
+    # The detached activation on host2 was left alone: it finishes by itself.
+    new_system = log.read_text().splitlines()[-1].split()[1]
+    wait_for(
+        lambda: (
+            fleet["host2"].path("/run/current-system").is_symlink()
+            and fleet["host2"].readlink("/run/current-system") == new_system
+        ),
+        20,
+        "host2's activation to finish on its own",
+    )
+
+
+def test_sigterm_during_a_build_kills_the_builder(fleet, tmp_path):
+    marker = uuid.uuid4().hex
+    slow = (
+        "{ environment.systemPackages = [ (derivation { "
+        f'name = "slow"; system = builtins.currentSystem; builder = "/bin/sh"; '
+        f'WAGGLE_TEST_MARKER = "{marker}"; '
+        'args = [ "-c" "/bin/sleep 120; echo > $out" ]; }) ]; }'
+    )
+    hive_at(tmp_path, host1=slow)
+    report = tmp_path / "report.json"
+    proc = waggle_proc(
+        tmp_path,
+        "apply",
+        "switch",
+        "--on",
+        "host1",
+        "--plain",
+        "--ssh-config",
+        str(fleet.ssh_config),
+        "--report-json",
+        str(report),
+        env={},
+    )
+    try:
+        wait_for(lambda: with_marker(marker), 120, "the slow builder to start", proc)
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err
+    wait_for(lambda: not with_marker(marker), 5, "the builder to be gone")
+    data = json.loads(report.read_text())
+    (host1,) = data["nodes"]
+    assert host1["status"] == "failed"
+    build = next(s for s in host1["stages"] if s["stage"] == "build")
+    assert build["message"] == "interrupted by SIGTERM"
