@@ -276,6 +276,14 @@ def _ssh_options(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="timeout of each SSH connection attempt (default 30)",
     )
+    p.add_argument(
+        "--known-hosts",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="a known_hosts file whose keys are trusted for every host, besides the ones "
+        "ssh_config names (repeatable; host keys are always checked)",
+    )
 
 
 def _deploy_options(p: argparse.ArgumentParser) -> None:
@@ -670,9 +678,13 @@ def _ssh_settings(ns: argparse.Namespace) -> SshSettings:
             raise UsageError(f"--ssh-config {f}: no such file")
     if ns.connect_timeout <= 0:
         raise UsageError("--connect-timeout must be more than zero")
+    for f in ns.known_hosts:
+        if not Path(f).is_file():
+            raise UsageError(f"--known-hosts {f}: no such file")
     return SshSettings(
         config_files=tuple(files) if files is not None else None,
         connect_timeout=ns.connect_timeout,
+        known_hosts_files=tuple(ns.known_hosts),
     )
 
 

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from runner.hosts import command_line
+from runner.hosts import HostError, command_line
 from runner.hosts.local import LocalHost
 from runner.hosts.ssh import (
     HostUnreachableError,
@@ -76,6 +76,87 @@ def test_translate_ssh_options():
     assert ignored == ["-o StrictHostKeyChecking=no", "-o ControlMaster=auto", "-v"]
     with pytest.raises(SshOptionError, match="-p needs a value"):
         translate_ssh_options(["-p"])
+
+
+def test_translate_attached_forms_and_time_values(monkeypatch):
+    monkeypatch.setenv("HOME", "/home/op")
+    lines, ignored = translate_ssh_options(
+        [
+            "-p2222",
+            "-lroot",
+            "-i~/k",
+            "-Jjump",
+            "-F~/extra.conf",
+            "-i",
+            "~/with space",
+            "-o",
+            "ServerAliveInterval=1m",
+            "-oConnectTimeout 1h30m",
+            "-o",
+            "ConnectTimeout = 90",
+            "-o",
+            "RekeyLimit=1G 1h",
+        ]
+    )
+    assert lines == [
+        "Port 2222",
+        "User root",
+        "IdentityFile /home/op/k",
+        "ProxyJump jump",
+        "Include /home/op/extra.conf",
+        "IdentityFile '/home/op/with space'",
+        "ServerAliveInterval 60",
+        "ConnectTimeout 5400",
+        "ConnectTimeout 90",
+        "RekeyLimit 1G 1h",
+    ]
+    assert ignored == []
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        (["-o", "User=root\nUserKnownHostsFile none"], r"-o 'User=root\nUserKnownHostsFile none'"),
+        (["-p", "22\r"], r"-p 22\r"),
+        (["-lroot\0"], r"-lroot\0"),
+        (["-o", "UserKnownHostsFile=none"], "UserKnownHostsFile none"),
+        (["-o", "GlobalKnownHostsFile /x NONE"], "GlobalKnownHostsFile"),
+        (["-o", "ConnectTimeout=soon"], "ConnectTimeout=soon"),
+        (["-o", "ServerAliveInterval=-1"], "ServerAliveInterval=-1"),
+        (["-o", "ServerAliveCountMax=3s"], "ServerAliveCountMax=3s"),
+        (["-p", "http"], "-p http"),
+        (["-p99999"], "-p99999"),
+        (["-i"], "-i needs a value"),
+    ],
+)
+def test_translate_refuses(options, needle):
+    with pytest.raises(SshOptionError) as info:
+        translate_ssh_options(options, node="web")
+    message = str(info.value)
+    assert "\n" not in message and "\r" not in message and "\0" not in message, message
+    assert message.startswith("node web: deployment.sshOptions"), message
+    assert needle in message, message
+
+
+def test_config_file_time_values_and_parse_errors(tmp_path):
+    async def main():
+        async with FakeHost.start(tmp_path, name="fake") as fake:
+            base = fake.ssh_config.read_text()
+            fake.ssh_config.write_text(base + "    ServerAliveInterval 2m\n    ConnectTimeout 1m\n")
+            host = SshHost(SshTarget("web", "fake", user="root"), settings_for(fake))
+            done = await host.run(["true"])
+            await host.close()
+            fake.ssh_config.write_text(base + "    ServerAliveCountMax many\n")
+            with pytest.raises(SshOptionError) as info:
+                await SshHost(SshTarget("web", "fake", user="root"), settings_for(fake)).connect()
+            return done, info.value
+
+    done, error = asyncio.run(main())
+    assert done.ok
+    message = str(error)
+    assert isinstance(error, HostError) and "\n" not in message
+    assert message.startswith("node web: ") and "ssh_config line 11" in message, message
+    assert "ServerAliveCountMax" in message and "many" in message, message
 
 
 def test_target_describe_brackets_ipv6():
