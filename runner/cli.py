@@ -266,8 +266,8 @@ def _ssh_options(p: argparse.ArgumentParser) -> None:
         "--ssh-config",
         metavar="FILE",
         action="append",
-        help="ssh_config file(s) to use instead of ~/.ssh/config "
-        "(default also from $SSH_CONFIG_FILE)",
+        help="ssh_config file(s) to use instead of ~/.ssh/config and /etc/ssh/ssh_config, "
+        "as with ssh -F (default also from $SSH_CONFIG_FILE)",
     )
     p.add_argument(
         "--connect-timeout",

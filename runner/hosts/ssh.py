@@ -107,7 +107,7 @@ SUPPORTED_KEYWORDS = frozenset(
 # Keywords whose value is an OpenSSH time (convtime): 90, 90s, 1m30s, 1h, 2d, 1w.
 TIME_KEYWORDS = {"connecttimeout": "ConnectTimeout", "serveraliveinterval": "ServerAliveInterval"}
 _KNOWN_HOSTS_KEYWORDS = frozenset({"userknownhostsfile", "globalknownhostsfile"})
-_TIME_PART = re.compile(r"(\d+)([smhdw]?)", re.IGNORECASE)
+_TIME_PART = re.compile(r"([0-9]+)([smhdw]?)", re.IGNORECASE)
 _TIME_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _CONTROL = {"\n": "\\n", "\r": "\\r", "\0": "\\0"}
 _OPTION = re.compile(r"\s*([A-Za-z][A-Za-z0-9]*)\s*(?:=\s*|\s+)(.*?)\s*\Z", re.DOTALL)
