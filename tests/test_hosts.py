@@ -159,6 +159,14 @@ def test_config_file_time_values_and_parse_errors(tmp_path):
     assert "ServerAliveCountMax" in message and "many" in message, message
 
 
+def test_proxy_jump_loop_is_a_node_error(tmp_path):
+    config = tmp_path / "config"
+    config.write_text("Host a\n    ProxyJump b\nHost b\n    ProxyJump a\n")
+    host = SshHost(SshTarget("web", "a"), SshSettings(config_files=(str(config),)))
+    with pytest.raises(SshOptionError, match="node web: more than 8 ProxyJump hops"):
+        asyncio.run(host.connect())
+
+
 def test_target_describe_brackets_ipv6():
     assert SshTarget("n", "fd00::1", 2222, "root").describe() == "root@[fd00::1]:2222"
     assert SshTarget("n", "web", None, None).describe() == "web"

@@ -166,6 +166,11 @@ def test_known_hosts_none_in_a_config_file_still_checks_the_host_key(fleet, tmp_
     plain = write(tmp_path / "plain", block(fleet, "plain", "plain", NO_SYSTEM))
     e = refused(target("plain", "-F", str(extra)), settings(plain))
     assert isinstance(e, HostUnreachableError) and NOT_TRUSTED in one_line(e), e
+    # Colmena-style "don't check" options change nothing either (StrictHostKeyChecking is
+    # ignored with a warning; /dev/null is a known_hosts file without keys).
+    lax = ("-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null")
+    e = refused(target("plain", *lax), settings(plain))
+    assert isinstance(e, HostUnreachableError) and NOT_TRUSTED in one_line(e), e
 
 
 @pytest.mark.parametrize(
