@@ -1,18 +1,27 @@
 """deployment.keys upload: secrets sent to a host out of band, never through the Nix store.
 
-Per key (`upload_key`), in the key's destination directory:
-  1. `mkdir -p -m 0755 DIR` (as root: through the host's escalation prefix);
-  2. the content goes to a fresh temporary file `DIR/.NAME.waggle-RANDOM`, mode 0600, with
-     `Host.write_file` (SFTP as root, stdin through the escalation prefix otherwise);
-  3. one `sh -c SCRIPT sh ARGS...` (every value a positional argument) chowns it, chmods it
-     and renames it over the destination (`mv -f -T`: atomic, in the same directory).
-Any failure removes the temporary file. The content never appears in an argv, a log line,
-an error message or the Nix store.
+Per key (`upload_key`), one remote command over an exec channel (no SFTP subsystem needed;
+as root and through the escalation prefix alike): `sh -c WRITE_KEY sh ARGS...`, with
+runner/scripts/write-key.sh as the script, every value a positional argument and the
+content on stdin. The script
+  1. checks every directory from / down to destDir (creating missing ones, mode 0755): each
+     must be owned by root and not group- or world-writable unless sticky, so that nobody
+     but root can swap a name in it; otherwise the key is refused ("unsafe destDir ...");
+  2. creates a new temporary file `DIR/.NAME.waggle-RANDOM` with noclobber (O_EXCL: an
+     existing name, symlink or not, is refused), mode 0600, and writes the content to it;
+  3. sets owner and mode on the open file (/proc/self/fd/N: the file itself, whatever its
+     name points to by then), never by path;
+  4. renames it over the destination (`mv -f -T`: atomic, in the same directory), after
+     checking that the name still is the file it wrote.
+Any failure removes the temporary file (the script itself; Waggle again when the
+connection was lost). The content never appears in an argv, a log line, an error message
+or the Nix store.
 
 Pre-activation keys may belong to users that the new configuration creates: they are
 uploaded with `require_ownership=False`, left root-owned when the owner does not exist yet,
 and chowned during activation by the node's `waggle-chown-keys` activation snippet (as
-Colmena's `colmena-chown-keys`). Post-activation keys and `upload-keys` require the owner.
+Colmena's `colmena-chown-keys`; runner/hive/nix/chown-key.sh, which never follows a
+symlink either). Post-activation keys and `upload-keys` require the owner.
 """
 
 from __future__ import annotations
@@ -30,33 +39,14 @@ from typing import Literal
 from runner import process
 from runner.errors import ToolMissingError, WaggleError
 from runner.hive.model import Key, UploadAt
-from runner.hosts import Host, RemoteResult
+from runner.hosts import Host
+from runner.scripts import script
 
 log = logging.getLogger(__name__)
 
 Phase = Literal["pre-activation", "post-activation", "all"]
 
-_DEFERRED = "waggle: owner-deferred"
-
-# $1 temporary file, $2 destination, $3 user, $4 group, $5 mode, $6 "1" to require ownership.
-_FINISH = f"""\
-set -eu
-tmp=$1 dest=$2 user=$3 group=$4 mode=$5 strict=$6
-trap 'rm -f -- "$tmp"' EXIT
-missing=
-getent passwd "$user" >/dev/null || missing="user $user"
-getent group "$group" >/dev/null || missing="${{missing:+$missing, }}group $group"
-if [ -z "$missing" ]; then
-    chown -- "$user:$group" "$tmp"
-elif [ "$strict" = 1 ]; then
-    echo "owner not found on the host: $missing" >&2
-    exit 1
-else
-    echo '{_DEFERRED}'
-fi
-chmod -- "$mode" "$tmp"
-mv -f -T -- "$tmp" "$dest"
-"""
+_DEFERRED = "waggle: owner-deferred"  # printed by write-key.sh
 
 
 class KeyUploadError(WaggleError):
@@ -145,32 +135,23 @@ async def _upload(
     """`upload_key`; True when the owner did not exist and was left for activation."""
     where = f"node {host.name}: key {key.name}"
     directory, name = posixpath.split(key.path)
-    tmp = f"{directory}/.{name}.waggle-{secrets.token_hex(8)}"
+    tmp = f".{name}.waggle-{secrets.token_hex(8)}"
     log.debug(
         "%s: uploading to %s (%s:%s, %s)", where, key.path, key.user, key.group, key.permissions
     )
-
-    async def remote(argv: Sequence[str], step: str) -> RemoteResult:
-        try:
-            done = await host.run(argv, timeout=timeout, privileged=True)
-        except WaggleError as e:
-            raise KeyUploadError(f"{where}: {step}: {e.message}") from e
-        if not done.ok:
-            raise KeyUploadError(f"{where}: {step}: {done.describe()}")
-        return done
-
-    await remote(["mkdir", "-p", "-m", "0755", "--", directory], f"cannot create {directory}")
+    strict = "1" if require_ownership else "0"
+    args = [directory or "/", name, tmp, key.user, key.group, key.permissions, strict]
+    argv = ["sh", "-c", script("write-key.sh"), "sh", *args]
+    step = f"cannot install {key.path}"
     try:
-        try:
-            await host.write_file(tmp, content, mode=0o600, timeout=timeout)
-        except WaggleError as e:
-            raise KeyUploadError(f"{where}: cannot write {tmp}: {e.message}") from e
-        strict = "1" if require_ownership else "0"
-        args = [tmp, key.path, key.user, key.group, key.permissions, strict]
-        done = await remote(["sh", "-c", _FINISH, "sh", *args], f"cannot install {key.path}")
-    except KeyUploadError as e:
-        left = await _remove(host, tmp, timeout)
-        raise KeyUploadError(e.message + left) from e
+        done = await host.run(argv, input_data=content, timeout=timeout, privileged=True)
+    except WaggleError as e:
+        left = await _remove(host, f"{directory}/{tmp}", timeout)
+        raise KeyUploadError(f"{where}: {step}: {e.message}{left}") from e
+    if not done.ok:
+        # The script removes its temporary file itself unless it never finished.
+        left = await _remove(host, f"{directory}/{tmp}", timeout) if done.returncode is None else ""
+        raise KeyUploadError(f"{where}: {step}: {done.describe()}{left}")
     deferred = _DEFERRED in done.stdout
     if deferred:
         log.info(

@@ -14,6 +14,7 @@ command -v nix-instantiate >/dev/null 2>&1 || missing+=(nix-bin)
 command -v git >/dev/null 2>&1 || missing+=(git)
 command -v sudo >/dev/null 2>&1 || missing+=(sudo)  # tests of targetUser with sudo
 command -v tmux >/dev/null 2>&1 || missing+=(tmux)  # tests of the live view
+command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)  # tests of the host scripts
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2

@@ -190,7 +190,7 @@ def test_run_stream_and_write_file(tmp_path):
                     yield part
 
             fed = await host.run_fed(["cat"], chunks())
-            await host.write_file("/secret", b"s3cret", mode=0o600)
+            await host.write_file(str(fake.path("/secret")), b"s3cret", mode=0o600)
             await host.close()
             return fake, done, lines, fed
 

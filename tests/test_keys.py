@@ -15,9 +15,11 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import uuid
 from pathlib import Path
 
+import asyncssh
 import psutil
 import pytest
 
@@ -28,6 +30,7 @@ from tests.fake_ssh import DEFAULT_ENV, FakeHost
 from tests.fleet import Fleet, TestHost, free_first_octet
 
 NODE = "host1"
+NOSFTP = "nosftp"  # a host whose sshd has no sftp subsystem (services.openssh.allowSFTP = false)
 SUDO = ("sudo", "-H", "--")
 NIX_STORE = Path("/nix/store")
 
@@ -69,10 +72,16 @@ def fleet():
     directory = Path(tempfile.mkdtemp(prefix="waggle-keys-", dir="/tmp"))
     try:
         directory.chmod(0o711)
-        fleet = Fleet.start(directory, 1, names=[NODE], first_octet=free_first_octet(1, 140))
+        octet = free_first_octet(2, 140)
+        fleet = Fleet.start(directory, 2, names=[NODE, NOSFTP], first_octet=octet)
         try:
             fleet.authorized_keys.chmod(0o644)
-            ok(fleet, "groupadd -f g && useradd -M -g g u")
+            config = fleet[NOSFTP].root / "sshd_config"
+            lines = config.read_text().splitlines(keepends=True)
+            config.write_text("".join(x for x in lines if not x.startswith("Subsystem")))
+            fleet.start_host(NOSFTP)
+            for name in (NODE, NOSFTP):
+                ok(fleet, "groupadd -f g && useradd -M -g g u", name=name)
             yield fleet
         finally:
             fleet.stop()
@@ -80,17 +89,17 @@ def fleet():
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def ok(fleet: Fleet, command: str) -> str:
-    done = fleet.run(NODE, command)
+def ok(fleet: Fleet, command: str, *, name: str = NODE) -> str:
+    done = fleet.run(name, command)
     assert done.returncode == 0, (command, done.stderr.decode())
     return done.stdout.decode()
 
 
-def on_host(fleet: Fleet, work, *, user: str = "root"):
-    """Run `work(host)` with an SshHost connected to the fleet host as `user`."""
+def on_host(fleet: Fleet, work, *, user: str = "root", name: str = NODE):
+    """Run `work(host)` with an SshHost connected to fleet host `name` as `user`."""
 
     async def main():
-        target = SshTarget(node=NODE, host=NODE, user=user, escalation=SUDO)
+        target = SshTarget(node=name, host=name, user=user, escalation=SUDO)
         host = SshHost(target, SshSettings(config_files=(str(fleet.ssh_config),)))
         try:
             return await work(host)
@@ -345,6 +354,244 @@ def test_poison_never_leaves_the_key_file_on_a_real_host(fleet, caplog):
         assert grep.returncode == 1, grep.stdout
 
 
+# -- a key's owner cannot get other files chowned (swapped temporary file, unsafe destDir) ------
+
+
+VICTIM = "/etc/waggle-victim"  # stands for /etc/shadow: root-owned, 0644 so a chmod shows
+
+
+class Stalling:
+    """A Host proxy for the race tests: the real SshHost underneath, with two windows opened.
+
+    Every command starts `delay` s late (the gap between two remote commands widens), and
+    a command's stdin is fed as its first byte, then - once `hold()` returns - the rest
+    (the remote side is stuck reading while its temporary file exists).
+    """
+
+    def __init__(self, inner, hold, delay: float = 0.5) -> None:
+        self.inner, self.name, self.hold, self.delay = inner, inner.name, hold, delay
+
+    async def run(self, argv, *, input_data=None, timeout=None, privileged=True, on_line=None):
+        await asyncio.sleep(self.delay)
+        if not input_data:
+            return await self.inner.run(
+                argv, input_data=input_data, timeout=timeout, privileged=privileged
+            )
+
+        async def chunks():
+            yield input_data[:1]
+            await self.hold()
+            yield input_data[1:]
+
+        return await self.inner.run_fed(argv, chunks(), timeout=timeout, privileged=privileged)
+
+    async def run_fed(self, argv, chunks, *, timeout=None, privileged=True):
+        await asyncio.sleep(self.delay)
+        return await self.inner.run_fed(argv, chunks, timeout=timeout, privileged=privileged)
+
+    async def write_file(self, path, data, *, mode, timeout=None):
+        await self.inner.write_file(path, data, mode=mode, timeout=timeout)
+
+    async def close(self):
+        await self.inner.close()
+
+
+def swap_temporary_files(local_dir: Path, target: str, swapped: threading.Event) -> None:
+    """The attacker: replace the first `.NAME.waggle-*` regular file with a symlink to target."""
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        try:
+            entries = list(os.scandir(local_dir))
+        except FileNotFoundError:
+            entries = []
+        for entry in entries:
+            if ".waggle-" in entry.name and entry.is_file(follow_symlinks=False):
+                side = local_dir / f"{entry.name}.attacker"
+                os.symlink(target, side)
+                os.replace(side, entry.path)
+                swapped.set()
+                return
+        time.sleep(0.0005)
+
+
+def race(fleet: Fleet, key: Key, content: bytes) -> tuple[KeyUploadError | None, bool]:
+    """Upload `key` while the attacker swaps its temporary file; (error or None, swapped)."""
+    host = fleet[NODE]
+    swapped = threading.Event()
+    attacker = threading.Thread(
+        target=swap_temporary_files, args=(host.path(key.dest_dir), VICTIM, swapped)
+    )
+
+    async def hold() -> None:
+        await asyncio.to_thread(swapped.wait, 1.5)
+
+    async def work(h):
+        attacker.start()
+        try:
+            await upload_key(Stalling(h, hold), key, content, require_ownership=True, timeout=30)
+        except KeyUploadError as e:
+            return e
+        finally:
+            await asyncio.to_thread(attacker.join, 5)
+        return None
+
+    return on_host(fleet, work), swapped.is_set()
+
+
+@pytest.fixture
+def victim(fleet):
+    ok(
+        fleet,
+        f"printf 'root:hash\\n' > {VICTIM} && chown root:root {VICTIM} && chmod 0644 {VICTIM}",
+    )
+    yield fleet[NODE]
+    ok(fleet, f"rm -f {VICTIM}")
+
+
+def victim_untouched(host: TestHost) -> None:
+    assert stat_of(host, VICTIM) == ("0o644", 0, 0)
+    assert host.path(VICTIM).read_bytes() == b"root:hash\n"
+
+
+def test_a_swapped_temporary_file_in_a_destdir_the_owner_controls_chowns_nothing(fleet, victim):
+    # The key's owner u owns its destDir, so u can swap the temporary file for a symlink.
+    ok(fleet, "mkdir -p /run/u-keys && chown u:g /run/u-keys && chmod 0755 /run/u-keys")
+    key = make_key("k", text="s", dest_dir="/run/u-keys", user="u", group="g")
+    failed, _ = race(fleet, key, b"secret")
+    victim_untouched(victim)
+    assert not victim.path("/run/u-keys/k").is_symlink()
+    u = ids(victim, "passwd", "u")
+    assert str(failed) == (
+        "node host1: key k: cannot install /run/u-keys/k: exit status 1:"
+        f" unsafe destDir /run/u-keys: /run/u-keys is owned by uid {u}, not root"
+    )
+    assert leftovers(victim, "/run/u-keys") == []
+
+
+def test_a_swapped_temporary_file_is_never_followed(fleet, victim):
+    # A destDir Waggle accepts (sticky, like /tmp): only root could swap root's file there;
+    # the test does, to show that the owner and mode go to the file Waggle opened.
+    ok(fleet, "mkdir -p /run/sticky && chmod 1777 /run/sticky")
+    key = make_key("k", text="s", dest_dir="/run/sticky", user="u", group="g", permissions="0600")
+    failed, swapped = race(fleet, key, b"secret")
+    assert swapped
+    victim_untouched(victim)
+    assert (
+        not victim.path("/run/sticky/k").exists() and not victim.path("/run/sticky/k").is_symlink()
+    )
+    assert failed is not None and str(failed).startswith(
+        "node host1: key k: cannot install /run/sticky/k: exit status 1:"
+    )
+    assert "was replaced" in str(failed)
+    assert leftovers(victim, "/run/sticky") == []
+
+
+@pytest.mark.parametrize(
+    ("setup", "dest", "why"),
+    [
+        ("mkdir -p /run/d1 && chown u /run/d1", "/run/d1", "/run/d1 is owned by uid U, not root"),
+        (
+            "mkdir -p /run/d2 && chmod 0775 /run/d2",
+            "/run/d2",
+            "/run/d2 is group- or world-writable without the sticky bit",
+        ),
+        (
+            "mkdir -p /run/d3 && chmod 0777 /run/d3",
+            "/run/d3",
+            "/run/d3 is group- or world-writable without the sticky bit",
+        ),
+        (
+            "mkdir -p /run/home-u/keys && chown u /run/home-u",
+            "/run/home-u/keys",
+            "/run/home-u is owned by uid U, not root",
+        ),
+        (
+            "mkdir -p /run/home-u2 && chown u /run/home-u2",
+            "/run/home-u2/new/keys",
+            "/run/home-u2 is owned by uid U, not root",
+        ),
+        ("touch /run/plain-file", "/run/plain-file/keys", "/run/plain-file is not a directory"),
+    ],
+)
+def test_an_unsafe_dest_dir_is_refused(fleet, setup, dest, why):
+    host = fleet[NODE]
+    ok(fleet, setup)
+    key = make_key("k", text="s", dest_dir=dest, user="u", group="g")
+
+    async def work(h):
+        with pytest.raises(KeyUploadError) as failed:
+            await upload_key(h, key, b"s", require_ownership=True, timeout=30)
+        return failed.value
+
+    failed = on_host(fleet, work)
+    why = why.replace("uid U", f"uid {ids(host, 'passwd', 'u')}")
+    assert str(failed) == (
+        f"node host1: key k: cannot install {dest}/k: exit status 1: unsafe destDir {dest}: {why}"
+    )
+    assert not host.path(f"{dest}/k").exists()
+    assert not host.path("/run/home-u2/new").exists()  # nothing created below an unsafe dir
+
+
+def test_safe_dest_dirs_are_accepted(fleet):
+    host = fleet[NODE]
+    ok(
+        fleet,
+        "mkdir -p /run/shared /run/grouped && chmod 1777 /run/shared"
+        " && chown root:g /run/grouped && chmod 0750 /run/grouped"
+        " && ln -sfn /run/grouped /run/via-link",
+    )
+    keys = [
+        make_key("a", text="a", dest_dir="/run/shared", user="u", group="g"),
+        make_key("b", text="b", dest_dir="/run/grouped", user="u", group="g", permissions="0440"),
+        make_key("c", text="c", dest_dir="/run/via-link"),
+    ]
+
+    async def work(h):
+        return await upload_keys(
+            h, keys, phase="all", require_ownership=True, base_dir=None, timeout=30
+        )
+
+    assert on_host(fleet, work).uploaded == ("a", "b", "c")
+    u, g = ids(host, "passwd", "u"), ids(host, "group", "g")
+    assert stat_of(host, "/run/shared/a") == ("0o600", u, g)
+    assert stat_of(host, "/run/grouped/b") == ("0o440", u, g)
+    assert host.path("/run/grouped/c").read_bytes() == b"c"
+    assert oct(host.path("/run/grouped").stat().st_mode & 0o7777) == "0o750"  # left as it was
+
+
+# -- hosts without SFTP (services.openssh.allowSFTP = false) -----------------------------------
+
+
+def test_keys_reach_a_host_without_an_sftp_subsystem(fleet):
+    host = fleet[NOSFTP]
+    fleet.add_user(NOSFTP, "deploy", sudo=True)
+    as_root = make_key("root-key", text="over exec\n", user="u", group="g", permissions="0640")
+    as_deploy = make_key("sudo-key", text="escalated\n", user="u", group="g")
+
+    async def no_sftp(h):
+        conn = await h.connect()
+        with pytest.raises(asyncssh.Error):
+            async with conn.start_sftp_client():
+                pass
+        return await upload_keys(
+            h, [as_root], phase="all", require_ownership=True, base_dir=None, timeout=30
+        )
+
+    async def escalated(h):
+        return await upload_keys(
+            h, [as_deploy], phase="all", require_ownership=True, base_dir=None, timeout=30
+        )
+
+    assert on_host(fleet, no_sftp, name=NOSFTP).uploaded == ("root-key",)
+    assert on_host(fleet, escalated, name=NOSFTP, user="deploy").uploaded == ("sudo-key",)
+    u, g = ids(host, "passwd", "u"), ids(host, "group", "g")
+    assert host.path("/run/keys/root-key").read_bytes() == b"over exec\n"
+    assert stat_of(host, "/run/keys/root-key") == ("0o640", u, g)
+    assert host.path("/run/keys/sudo-key").read_bytes() == b"escalated\n"
+    assert stat_of(host, "/run/keys/sudo-key") == ("0o600", u, g)
+    assert leftovers(host) == []
+
+
 # -- the fake host (fast; escalation path; every command recorded) ------------------------------
 
 
@@ -420,7 +667,7 @@ def test_escalated_upload_sends_content_on_stdin_only(tmp_path, caplog):
     assert [p.name for p in dest.iterdir()] == ["k"]  # no temporary file left
     # Every command went through the escalation prefix; none carried the content.
     assert fake.commands and all(c.startswith("sudo -H -- ") for c in fake.commands)
-    assert [c.split()[3] for c in fake.commands] == ["mkdir", "sh", "sh"] * 2 + ["rm"]
+    assert [c.split()[3] for c in fake.commands] == ["sh", "sh"]  # one command per key
     assert not any(poison in c for c in fake.commands)
     assert poison not in caplog.text and poison not in str(failed)
 
@@ -431,9 +678,19 @@ def test_a_lost_connection_still_removes_the_temporary_file(tmp_path):
     key = make_key("k", text="s", dest_dir=str(dest), user=user, group=group)
 
     async def work(fake, host):
-        fake.drop_on("mv -f -T")
+        async def cut() -> None:
+            # The script is reading the content, so its temporary file exists: cut the line
+            # (the fake host kills the script at once: no trap of its own runs).
+            deadline = time.monotonic() + 5
+            while not (dest.is_dir() and any(".waggle-" in p.name for p in dest.iterdir())):
+                assert time.monotonic() < deadline, "no temporary file appeared"
+                await asyncio.sleep(0.01)
+            fake.drop_connections()
+
         with pytest.raises(KeyUploadError) as failed:
-            await upload_key(host, key, b"s", require_ownership=True, timeout=30)
+            await upload_key(
+                Stalling(host, cut, delay=0), key, b"secret", require_ownership=True, timeout=30
+            )
         return failed.value
 
     fake, failed = on_fake(tmp_path, work)

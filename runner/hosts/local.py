@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from runner import process
 from runner.hosts import HostError, LineCallback, RemoteResult
+from runner.scripts import write_file_argv
 
 
 @dataclass
@@ -56,22 +59,36 @@ class LocalHost:
     async def write_file(
         self, path: str, data: bytes, *, mode: int, timeout: float | None = None
     ) -> None:
+        """Write `path` with `mode`: a new temporary file next to it, renamed over it.
+
+        The temporary file is created with O_EXCL|O_NOFOLLOW and its mode set on the open
+        file, so a symlink at either name is never followed. Through escalation (--sudo)
+        the same is done by runner/scripts/write-file.sh, the content on stdin.
+        """
         if self.escalation:
-            script = f'umask 077; cat > "$1" && chmod {mode:o} "$1"'
-            done = await self.run(
-                ["sh", "-c", script, "sh", path], input_data=data, timeout=timeout
-            )
+            done = await self.run(write_file_argv(path, mode), input_data=data, timeout=timeout)
             if not done.ok:
                 raise HostError(f"writing {path}: {done.describe()}")
             return
+        directory, name = os.path.split(path)
+        tmp = os.path.join(directory, f".{name}.waggle-{secrets.token_hex(8)}")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            fd = os.open(tmp, flags, 0o600)
+        except OSError as e:
+            raise HostError(f"writing {path}: {e.strerror}") from e
+        try:
             try:
-                os.write(fd, data)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
                 os.fchmod(fd, mode)
             finally:
                 os.close(fd)
+            os.replace(tmp, path)
         except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # ours: created above with O_EXCL
             raise HostError(f"writing {path}: {e.strerror}") from e
 
     async def close(self) -> None:

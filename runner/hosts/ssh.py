@@ -39,6 +39,7 @@ import asyncssh
 from asyncssh.config import SSHClientConfig, SSHConfig
 
 from runner.hosts import HostError, LineCallback, RemoteResult, command_line
+from runner.scripts import write_file_argv
 
 log = logging.getLogger("waggle")
 
@@ -621,30 +622,16 @@ class SshHost:
     async def write_file(
         self, path: str, data: bytes, *, mode: int, timeout: float | None = None
     ) -> None:
-        """Write `path` with `mode`: over SFTP as root, else through escalation on stdin."""
-        if self.target.prefix:
-            script = f'umask 077; cat > "$1" && chmod {mode:o} "$1"'
-            done = await self.run(
-                ["sh", "-c", script, "sh", path], input_data=data, timeout=timeout
-            )
-            if not done.ok:
-                raise RemoteError(self.target, f"writing {path}: {done.describe()}")
-            return
-        conn = await self.connect()
+        """Write `path` with `mode` over an exec channel, the content on stdin.
 
-        async def sftp_write() -> None:
-            async with conn.start_sftp_client() as sftp:
-                attrs = asyncssh.SFTPAttrs(permissions=mode)
-                async with sftp.open(path, "wb", attrs) as f:
-                    await f.write(data)
-                await sftp.chmod(path, mode)
-
-        try:
-            await asyncio.wait_for(sftp_write(), timeout)
-        except (asyncssh.Error, OSError, TimeoutError) as e:
-            raise RemoteError(
-                self.target, f"writing {path} over SFTP: {e or type(e).__name__}"
-            ) from e
+        As root and through escalation alike: no SFTP subsystem is needed (NixOS hosts
+        with `services.openssh.allowSFTP = false`). runner/scripts/write-file.sh writes a
+        new temporary file next to `path` and renames it over `path`, so a symlink at
+        `path` is replaced, never followed.
+        """
+        done = await self.run(write_file_argv(path, mode), input_data=data, timeout=timeout)
+        if not done.ok:
+            raise RemoteError(self.target, f"writing {path}: {done.describe()}")
 
 
 class HostUnreachableError(HostError):
