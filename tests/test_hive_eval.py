@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
 
 from tests.conftest import write_hive
 from tests.helpers import assert_clean_error, waggle
@@ -221,6 +227,178 @@ def test_key_services_and_chown_script(tmp_path):
     )
     assert "tls-key" in got["services"] and "tls-key" in got["paths"]
     assert "nginx:root" in got["chown"] and "/run/keys/tls" in got["chown"]
+
+
+def test_key_units_are_named_after_the_attribute(tmp_path):
+    # Colmena's names: `keys.wg = { name = "private.key"; }` gives wg-key.service/.path.
+    write_hive(
+        tmp_path,
+        """
+    {
+      meta.nixpkgs = import @NIXPKGS@ { };
+      alpha = {
+        deployment.keys.wg = { name = "private.key"; text = "x"; };
+        deployment.keys.other = { name = "private.key"; destDir = "/run/other"; text = "y"; };
+      };
+    }
+    """,
+    )
+    got = introspect(
+        tmp_path,
+        """{ nodes, lib, ... }: let c = nodes.alpha.config; in {
+      services = lib.filter (lib.hasSuffix "-key") (lib.attrNames c.systemd.services);
+      paths = lib.attrNames c.systemd.paths;
+      wg = c.systemd.paths.wg-key.pathConfig;
+      other = c.systemd.paths.other-key.pathConfig;
+    }""",
+    )
+    assert got["services"] == ["other-key", "wg-key"]
+    assert got["paths"] == ["other-key", "wg-key"]
+    assert got["wg"]["PathExists"] == "/run/keys/private.key"
+    assert got["wg"]["Unit"] == "wg-key.service"
+    assert got["other"]["PathExists"] == "/run/other/private.key"
+
+
+def test_two_keys_with_one_path_are_an_error(tmp_path):
+    write_hive(
+        tmp_path,
+        """
+    {
+      meta.nixpkgs = import @NIXPKGS@ { };
+      alpha = {
+        deployment.keys.first = { name = "tls.pem"; text = "1"; };
+        deployment.keys.second = { name = "tls.pem"; destDir = "/run/keys/"; text = "2"; };
+        deployment.keys.third = { name = "tls.pem"; destDir = "/run/elsewhere"; text = "3"; };
+      };
+    }
+    """,
+    )
+    message = (
+        "node alpha: deployment.keys.first and deployment.keys.second are both written"
+        " to /run/keys/tls.pem"
+    )
+    done = waggle("nodes", "--json", cwd=tmp_path)
+    assert_clean_error(done, 2, message)
+    assert "third" not in done.stderr
+    # And the node's own assertion, when its system is built.
+    built = waggle(
+        "eval",
+        "-E",
+        "{ nodes, ... }: nodes.alpha.config.system.build.toplevel.drvPath",
+        cwd=tmp_path,
+    )
+    assert built.returncode == 2
+    assert message.removeprefix("node alpha: ") in built.stderr
+
+
+def key_unit_hive(tmp_path, dest: Path) -> None:
+    write_hive(
+        tmp_path,
+        f"""
+    {{
+      meta.nixpkgs = import @NIXPKGS@ {{ }};
+      alpha = {{ deployment.keys.wg = {{ destDir = "{dest}"; text = "x"; }}; }};
+    }}
+    """,
+    )
+
+
+def test_a_key_unit_waits_for_its_file(tmp_path):
+    # The unit is started (a service wants it) before the key is uploaded: it must wait,
+    # not fail and restart into systemd's start limit.
+    dest = tmp_path / "keys"
+    key_unit_hive(tmp_path, dest)
+    unit = introspect(
+        tmp_path,
+        """{ nodes, ... }: let s = nodes.alpha.config.systemd.services.wg-key; in {
+      inherit (s) preStart script serviceConfig;
+    }""",
+    )
+    env = {"PATH": "/usr/bin:/bin"}
+    start = time.monotonic()
+    waiting = subprocess.Popen(["sh", "-ec", unit["preStart"]], env=env)
+    try:
+        time.sleep(0.6)
+        assert waiting.poll() is None, f"the key unit did not wait: exit {waiting.returncode}"
+        dest.mkdir()
+        (dest / "wg").write_text("x")
+        appeared = time.monotonic()
+        assert waiting.wait(timeout=5) == 0
+        assert time.monotonic() - appeared < 3
+    finally:
+        waiting.kill()
+        waiting.wait()
+    assert time.monotonic() - start < 10
+    # The main process ends cleanly (no restart loop) when the key is gone.
+    (dest / "wg").unlink()
+    gone = subprocess.run(["sh", "-ec", unit["script"]], env=env, timeout=10, check=False)
+    assert gone.returncode == 0
+    # systemd lets the wait take as long as it takes; a crash of the watch restarts it.
+    assert unit["serviceConfig"]["TimeoutStartSec"] == "infinity"
+    assert unit["serviceConfig"]["Restart"] == "on-failure"
+
+
+def test_activation_never_chowns_through_a_swapped_key(tmp_path):
+    if os.geteuid() != 0 and os.environ.get("CI") != "true":
+        pytest.skip("changing owners needs root")
+    keys = tmp_path / "keys"
+    unsafe = tmp_path / "unsafe"
+    keys.mkdir()
+    unsafe.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("root:hash\n")
+    victim.chmod(0o644)
+    (keys / "swapped").symlink_to(victim)  # the key's owner swapped the key for a symlink
+    os.link(victim, keys / "linked")  # or for a hard link
+    (keys / "good").write_text("k")
+    (unsafe / "there").write_text("k")
+    os.chown(unsafe, 65534, 65534)  # a destDir the key's owner controls
+    write_hive(
+        tmp_path,
+        f"""
+    {{
+      meta.nixpkgs = import @NIXPKGS@ {{ }};
+      alpha = {{
+        deployment.keys = {{
+          swapped = {{ destDir = "{keys}"; text = "x"; user = "nobody"; group = "nogroup"; }};
+          linked = {{ destDir = "{keys}"; text = "x"; user = "nobody"; group = "nogroup"; }};
+          good = {{ destDir = "{keys}"; text = "x"; user = "nobody"; group = "nogroup"; }};
+          missing = {{ destDir = "{keys}"; text = "x"; user = "nobody"; }};
+          there = {{ destDir = "{unsafe}"; text = "x"; user = "nobody"; }};
+          later = {{ destDir = "{keys}"; text = "x"; user = "nobody"; uploadAt = "post-activation"; }};
+        }};
+      }};
+    }}
+    """,
+    )
+    (keys / "later").symlink_to(victim)  # post-activation keys are not this snippet's
+    text = introspect(
+        tmp_path,
+        "{ nodes, ... }: nodes.alpha.config.system.activationScripts.waggle-chown-keys.text",
+    )
+    # NixOS runs activation with bash, the stand-in with sh (dash here): both.
+    for shell in [s for s in ("/bin/bash", "/bin/dash") if Path(s).exists()]:
+        os.chown(keys / "good", 0, 0)
+        done = subprocess.run(
+            ["sh", "-ec", text],
+            executable=shell,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        st = victim.stat()
+        assert (st.st_uid, st.st_gid, oct(st.st_mode & 0o7777)) == (0, 0, "0o644"), done.stderr
+        assert victim.read_text() == "root:hash\n"
+        assert (keys / "good").stat().st_uid == 65534 and (keys / "good").stat().st_gid == 65534
+        assert (unsafe / "there").stat().st_uid == 0
+        assert done.returncode != 0, shell
+        err = done.stderr
+        assert f"key {keys}/swapped is not a regular file" in err
+        assert f"key {keys}/linked has more than one link" in err
+        assert f"unsafe destDir {unsafe}: {unsafe} is owned by uid 65534, not root" in err
+        assert f"key {keys}/missing does not exist" in err
+        assert "later" not in err
 
 
 def test_key_assertion_checked_when_building(tmp_path):

@@ -35,9 +35,9 @@ def test_defaults_and_key_sources():
     cfg = NodeConfig.from_json(
         "n",
         node(
-            a=key(text="s"),
-            b=key(keyFile="/f", uploadAt="post-activation"),
-            c=key(keyCommand=["echo", "x"]),
+            a=key(text="s", name="a", path="/run/keys/a"),
+            b=key(keyFile="/f", uploadAt="post-activation", name="b", path="/run/keys/b"),
+            c=key(keyCommand=["echo", "x"], name="c", path="/run/keys/c"),
         ),
     )
     assert [k.source.kind for k in cfg.keys] == ["text", "keyFile", "keyCommand"]
@@ -68,3 +68,18 @@ def test_bad_keys_name_node_and_key(data, message):
 def test_key_attribute_with_slash():
     with pytest.raises(HiveError, match="single path component"):
         NodeConfig.from_json("n", node(**{"a/b": key(text="x")}))
+
+
+def test_two_keys_with_one_path_name_both():
+    with pytest.raises(HiveError) as e:
+        NodeConfig.from_json(
+            "web-1",
+            node(
+                a=key(text="1", name="x", path="/run/keys/x"),
+                b=key(text="2", name="x", destDir="/run//keys/", path="/run//keys//x"),
+                c=key(text="3", name="x", destDir="/srv", path="/srv/x"),
+            ),
+        )
+    assert str(e.value) == (
+        "node web-1: deployment.keys.a and deployment.keys.b are both written to /run/keys/x"
+    )

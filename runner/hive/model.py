@@ -81,6 +81,7 @@ class NodeConfig:
             keys = tuple(
                 _key(name, attr, value) for attr, value in sorted(data.get("keys", {}).items())
             )
+            _check_one_key_per_file(name, keys)
             port = data.get("targetPort")
             return cls(
                 name=name,
@@ -99,6 +100,24 @@ class NodeConfig:
             )
         except (TypeError, ValueError, AttributeError) as e:
             raise HiveError(f"{where}: unreadable deployment settings: {e}") from e
+
+
+def _normalised(path: str) -> str:
+    """ "/run//keys/./x" -> "/run/keys/x" (as modules.nix compares key paths)."""
+    return "/" + "/".join(c for c in path.split("/") if c not in ("", "."))
+
+
+def _check_one_key_per_file(node: str, keys: tuple[Key, ...]) -> None:
+    """Two keys written to one file: each upload would silently replace the other."""
+    seen: dict[str, str] = {}
+    for key in keys:  # sorted by attribute name
+        path = _normalised(key.path)
+        if path in seen:
+            raise HiveError(
+                f"node {node}: deployment.keys.{seen[path]} and deployment.keys.{key.attr}"
+                f" are both written to {path}"
+            )
+        seen[path] = key.attr
 
 
 def _key(node: str, attr: str, data: dict[str, Any]) -> Key:
