@@ -8,67 +8,74 @@
 #
 # No path is followed twice. Every directory from / down to destDir must be owned by root
 # (or by the user running this) and not group- or world-writable unless sticky, so nobody
-# else can swap a name in it; missing ones are created one level at a time, each after its
-# parent passed. The temporary file is created with noclobber (O_EXCL: an existing name,
-# symlink or not, is refused), owner and mode are set on the open file (/proc/self/fd/3,
-# which is the file itself whatever its name now points to), and it is renamed over the
-# destination (atomic) only while its name still is that file.
+# else can swap a name in it; missing ones are created, each in a parent that passed. The
+# temporary file is created with noclobber (O_EXCL: an existing name, symlink or not, is
+# refused), owner and mode are set on the open file (/proc/self/fd/3, which is the file
+# itself whatever its name points to by then), and it is renamed over the destination
+# (atomic) only while its name still is that file.
+# Few processes: each one costs about a millisecond on the host, per key.
 set -eu
 dir=$1 name=$2 tmp=$3 user=$4 group=$5 mode=$6 strict=$7
-me=$(id -u)
 
 fail() {
     printf '%s\n' "$*" >&2
     exit 1
 }
 
-# A directory only root (or we) can change the entries of.
-check_dir() {
-    if [ ! -d "$1" ]; then
-        fail "unsafe destDir $dir: $1 is not a directory"
-    fi
-    stat=$(stat -L -c '%u %a' -- "$1")
-    owner=${stat% *} perm=${stat#* }
-    if [ "$owner" != 0 ] && [ "$owner" != "$me" ]; then
-        fail "unsafe destDir $dir: $1 is owned by uid $owner, not root"
-    fi
-    if [ $((0$perm & 022)) != 0 ] && [ $((0$perm & 01000)) = 0 ]; then
-        fail "unsafe destDir $dir: $1 is group- or world-writable without the sticky bit"
-    fi
-}
-
 case $dir in
 /*) ;;
 *) fail "unsafe destDir $dir: not an absolute path" ;;
 esac
-umask 022
-check_dir /
+# Every directory from / down to destDir, as the positional parameters.
+set -- /
 path='' rest=${dir#/}
 while [ -n "$rest" ]; do
     part=${rest%%/*}
     case $rest in
     */*) rest=${rest#*/} ;;
-    *) rest= ;;
+    *) rest='' ;;
     esac
     case $part in
     '' | .) continue ;;
     ..) fail "unsafe destDir $dir: it must not contain .." ;;
     esac
     path=$path/$part
-    if [ ! -e "$path" ] && [ ! -L "$path" ]; then
-        mkdir -m 0755 -- "$path" || fail "cannot create $path"
+    set -- "$@" "$path"
+done
+# Those that exist come first (a missing directory has no subdirectories): one stat checks
+# them all, in order; the rest are then created one level at a time.
+for p do
+    if [ ! -e "$p" ] && [ ! -L "$p" ]; then
+        break
     fi
-    check_dir "$path"
+    if [ ! -d "$p" ]; then
+        fail "unsafe destDir $dir: $p is not a directory"
+    fi
+done
+info=$(stat -L -c '%u %a' -- "$@" 2>/dev/null) || true
+while read -r owner perm; do
+    if [ "$owner" != 0 ] && ! [ -O "$1" ]; then
+        fail "unsafe destDir $dir: $1 is owned by uid $owner, not root"
+    fi
+    if [ $((0$perm & 022)) != 0 ] && [ $((0$perm & 01000)) = 0 ]; then
+        fail "unsafe destDir $dir: $1 is group- or world-writable without the sticky bit"
+    fi
+    shift
+done <<DIRS
+$info
+DIRS
+umask 022
+for p do
+    mkdir -m 0755 -- "$p" || fail "cannot create $p"
 done
 cd -P -- "$dir"
-check_dir .
 
 umask 077
 set -C
 exec 3>"$tmp"
 set +C
-# noclobber still opens an existing symlink to a device or FIFO: it must be our new file.
-if [ ! -f /proc/self/fd/3 ] || [ "$(stat -L -c '%u %s' /proc/self/fd/3)" != "$me 0" ]; then
+# noclobber still opens an existing symlink to a device or FIFO: it must be a new file.
+if [ ! -f /proc/self/fd/3 ] || [ -s /proc/self/fd/3 ]; then
     fail "$dir/$tmp is not a new regular file"
 fi
 # From here on the temporary name is ours: remove it whatever happens.
@@ -76,19 +83,23 @@ trap 'rm -f -- "$tmp"' EXIT
 trap 'exit 1' HUP INT TERM PIPE
 cat >&3
 
-missing=
-getent passwd "$user" >/dev/null || missing="user $user"
-getent group "$group" >/dev/null || missing="${missing:+$missing, }group $group"
-if [ -z "$missing" ]; then
-    chown -- "$user:$group" /proc/self/fd/3
-elif [ "$strict" = 1 ]; then
-    fail "owner not found on the host: $missing"
-else
-    echo 'waggle: owner-deferred'
+if ! chown -- "$user:$group" /proc/self/fd/3 2>/dev/null; then
+    missing=
+    getent passwd "$user" >/dev/null || missing="user $user"
+    getent group "$group" >/dev/null || missing="${missing:+$missing, }group $group"
+    if [ -z "$missing" ]; then
+        chown -- "$user:$group" /proc/self/fd/3 # again, for its error
+    elif [ "$strict" = 1 ]; then
+        fail "owner not found on the host: $missing"
+    else
+        echo 'waggle: owner-deferred'
+    fi
 fi
 chmod -- "$mode" /proc/self/fd/3
 
-if [ -L "$tmp" ] || [ "$(stat -c '%d:%i' -- "$tmp")" != "$(stat -L -c '%d:%i' /proc/self/fd/3)" ]; then
+# -ef (same device and inode): not POSIX, but in dash, bash and busybox sh alike.
+# shellcheck disable=SC3013
+if [ -L "$tmp" ] || ! [ "$tmp" -ef /proc/self/fd/3 ]; then
     fail "$dir/$tmp was replaced while it was written"
 fi
 exec 3>&-
