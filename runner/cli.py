@@ -48,12 +48,13 @@ from runner.evaluate import EvalRun, EvalSettings, MemoryBudget, parse_size
 from runner.events import Recorder, Sink
 from runner.exec import run_everywhere
 from runner.gitinfo import head_commit
-from runner.gitops import ci, comments
+from runner.gitops import ci, comments, trust
 from runner.gitops.changed import select_changed
 from runner.gitops.changes import GitError, open_repo
 from runner.gitops.config import load_config, merge
 from runner.gitops.plan import (
     DEFAULT_IGNORE,
+    NodeChange,
     Plan,
     PlanBuildSettings,
     build_and_diff,
@@ -951,8 +952,18 @@ async def cmd_plan(ns: argparse.Namespace) -> int:
 
 
 async def cmd_ci(ns: argparse.Namespace) -> int:
+    context = ci.detect(os.environ)
+    # A pull request runs code it controls: its settings come from the base commit (see
+    # runner.gitops.trust); other events run what is already on their branch.
+    pr_settings = (
+        trust.pr_config(ns.ci_config, search_from=Path.cwd(), base=context.base)
+        if context.is_pull_request
+        else None
+    )
     config = merge(
-        load_config(ns.ci_config, search_from=Path.cwd()),
+        pr_settings.config
+        if pr_settings is not None
+        else load_config(ns.ci_config, search_from=Path.cwd()),
         {
             "on": ns.on,
             "junit": ns.junit,
@@ -962,7 +973,6 @@ async def cmd_ci(ns: argparse.Namespace) -> int:
             "ignore": tuple(ns.ignore) if ns.ignore else None,
         },
     )
-    context = ci.detect(os.environ)
     chosen = ci.mode(context, config)
     print(f"waggle ci: {ci.mode_reason(context, config)}", file=sys.stderr, flush=True)
     # The file's settings fill in what no flag gave.
@@ -978,6 +988,8 @@ async def cmd_ci(ns: argparse.Namespace) -> int:
         ns.eval_node_limit = config.eval_node_limit
     failed: list[tuple[str, str]]
     if chosen == "plan":
+        settings = pr_settings or trust.PrSettings(config)
+        policy = trust.dry_activation_policy(context, replace(settings, config=config))
         source = locate(_opt(ns, "config"), Path.cwd())
         flags = _nix_flags(ns)
         plan = await compute_plan(
@@ -989,10 +1001,13 @@ async def cmd_ci(ns: argparse.Namespace) -> int:
             cache_dir=ns.cache_dir,
             flags=flags,
             eval_settings=_eval_settings(ns),
+            host_access=policy.enabled,
         )
         plan = await build_and_diff(
             plan, flags, PlanBuildSettings(jobs=max(1, ns.build_jobs), timeout=ns.build_timeout)
         )
+        plan = trust.decide_dry_activation(plan, policy)
+        plan = replace(plan, notes=(*plan.notes, *settings.notes))
         text = _write_plan_reports(plan, md=ns.report_md, junit=ns.junit, json_path=None)
         print(text)
         if config.comment:
@@ -1014,11 +1029,10 @@ async def cmd_ci(ns: argparse.Namespace) -> int:
         affected = [n.name for n in plan.affected if n.kind != "removed"]
         failed = [(n.name, n.error or "build failed") for n in plan.failed]
         ok = plan.ok
-        if config.dry_activate_on_pr and affected and ok:
+        planned = [n for n in plan.nodes if n.dry_activate_planned]
+        if planned:
             # Show on the hosts what activation would change; nothing is switched.
-            ns.goal, ns.on, ns.changed_since = "dry-activate", ",".join(affected), None
-            ns.junit = ns.report_md = ns.report_json = None  # the plan's reports stand
-            dry = await _run_apply(ns)
+            dry = await _dry_activate_pr(ns, planned)
             failed += ci.failed_nodes(dry)
             ok = dry.ok
         outputs = ci.node_outputs(chosen, affected, [], [n for n, _ in failed])
@@ -1037,6 +1051,46 @@ async def cmd_ci(ns: argparse.Namespace) -> int:
         print(line, flush=True)
     ci.write_outputs(context, outputs, os.environ, dotenv=config.outputs_dotenv)
     return EXIT_OK if ok else EXIT_NODES_FAILED
+
+
+async def _dry_activate_pr(ns: argparse.Namespace, planned: Sequence[NodeChange]) -> RunSummary:
+    """Dry-activate a pull request's planned nodes: the PR's systems (built from the
+    checked-out tree), each host reached only with the base's connection settings, no
+    keys, no build on a target, no remote builders from the PR's meta; nothing switched."""
+    started_at, start = time.time(), time.monotonic()
+    hive = await _open_hive(ns)
+    names = [n.name for n in planned]
+    configs = {n.name: trust.dry_activation_config(n) for n in planned}
+    settings = replace(
+        _deploy_settings(ns, Goal.DRY_ACTIVATE, hive),
+        keys=False,
+        build_on_target=False,
+        reboot=False,
+    )
+    with _progress(ns, names, plain=True) as out:
+        run = await deploy(
+            hive,
+            configs,
+            names,
+            _eval_settings(ns),
+            _build_settings(ns, hive),
+            settings,
+            events=out,
+        )
+        if run.build is not None:
+            _log_evaluation(run.build.evaluation)
+    nodes = list(run.nodes)
+    _print_deploy(nodes)
+    return RunSummary(
+        command="ci dry-activate",
+        goal=str(Goal.DRY_ACTIVATE),
+        hive=hive.source.describe(),
+        commit=head_commit(hive.source.directory),
+        started_at=started_at,
+        seconds=time.monotonic() - start,
+        stages=goal_stages(Goal.DRY_ACTIVATE, keys=False),
+        nodes=tuple(nodes),
+    )
 
 
 def _untouched(result: NodeResult) -> bool:

@@ -103,6 +103,8 @@ def test_ci_posts_the_plan_as_a_sticky_comment(tmp_path):
     try:
         write_hive(tmp_path, HIVE)
         (tmp_path / "alpha.nix").write_text("{ }\n")
+        # On a pull request the settings count from the base commit.
+        (tmp_path / "waggle.yaml").write_text("comment: true\n")
         git(tmp_path, "init", "-q", "-b", "main")
         git(tmp_path, "add", "-A")
         git(tmp_path, "commit", "-qm", "first")
@@ -114,7 +116,6 @@ def test_ci_posts_the_plan_as_a_sticky_comment(tmp_path):
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True, check=True
         ).stdout.strip()
-        (tmp_path / "waggle.yaml").write_text("comment: true\n")
         event = tmp_path / "event.json"
         event.write_text(
             json.dumps(

@@ -155,7 +155,7 @@ def test_ci_push_deploys_only_affected_and_pr_only_plans(fleet, tmp_path):
     pr = {
         "pull_request": {
             "number": 7,
-            "base": {"sha": before, "repo": {"full_name": "acme/fleet"}},
+            "base": {"sha": before, "ref": "main", "repo": {"full_name": "acme/fleet"}},
             "head": {"sha": after, "repo": {"full_name": "acme/fleet"}},
         },
         "repository": {"full_name": "acme/fleet", "default_branch": "main"},
@@ -169,6 +169,7 @@ def test_ci_push_deploys_only_affected_and_pr_only_plans(fleet, tmp_path):
     assert "host1" in (tmp_path / "summary.md").read_text()
 
     # With dry_activate_on_pr the PR also dry-activates the affected host: still nothing switched.
+    # (A settings file outside the repository is the runner's: it counts as it is.)
     log = fleet["host1"].path("/run/standin/activations.log")
     dry_cfg = tmp_path / "dry.yaml"
     dry_cfg.write_text("dry_activate_on_pr: true\n")

@@ -396,10 +396,12 @@ class Stalling:
         await self.inner.close()
 
 
-def swap_temporary_files(local_dir: Path, target: str, swapped: threading.Event) -> None:
+def swap_temporary_files(
+    local_dir: Path, target: str, swapped: threading.Event, done: threading.Event
+) -> None:
     """The attacker: replace the first `.NAME.waggle-*` regular file with a symlink to target."""
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not done.is_set():
         try:
             entries = list(os.scandir(local_dir))
         except FileNotFoundError:
@@ -417,13 +419,13 @@ def swap_temporary_files(local_dir: Path, target: str, swapped: threading.Event)
 def race(fleet: Fleet, key: Key, content: bytes) -> tuple[KeyUploadError | None, bool]:
     """Upload `key` while the attacker swaps its temporary file; (error or None, swapped)."""
     host = fleet[NODE]
-    swapped = threading.Event()
+    swapped, done = threading.Event(), threading.Event()
     attacker = threading.Thread(
-        target=swap_temporary_files, args=(host.path(key.dest_dir), VICTIM, swapped)
+        target=swap_temporary_files, args=(host.path(key.dest_dir), VICTIM, swapped, done)
     )
 
-    async def hold() -> None:
-        await asyncio.to_thread(swapped.wait, 1.5)
+    async def hold() -> None:  # the swap takes milliseconds once the file exists
+        await asyncio.to_thread(swapped.wait, 1)
 
     async def work(h):
         attacker.start()
@@ -432,6 +434,7 @@ def race(fleet: Fleet, key: Key, content: bytes) -> tuple[KeyUploadError | None,
         except KeyUploadError as e:
             return e
         finally:
+            done.set()
             await asyncio.to_thread(attacker.join, 5)
         return None
 

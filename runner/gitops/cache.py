@@ -1,4 +1,5 @@
-"""On-disk cache of one side's evaluation (node names, drvPaths, outPaths).
+"""On-disk cache of one side's evaluation (node names, drvPaths, outPaths and, when asked
+for, each node's HostAccess).
 
 A file per (tree, Nix version, what was asked): `<tree id>-<nix version>-<key>.json` in
 the cache directory, where `key` hashes the hive's path in the tree, the selection, the
@@ -18,20 +19,78 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from runner.hive.model import NodeConfig
 
 CACHE_FORMAT = 1
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 
 
 @dataclass(frozen=True)
+class HostAccess:
+    """How Waggle reaches a node's host and becomes root there: the deployment settings a
+    pull request must not choose (see runner.gitops.trust)."""
+
+    target_host: str | None
+    target_port: int | None
+    target_user: str | None
+    ssh_options: tuple[str, ...]
+    privilege_escalation_command: tuple[str, ...]
+
+    # deployment option name -> field, in the order reports name them
+    OPTIONS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("targetHost", "target_host"),
+        ("targetPort", "target_port"),
+        ("targetUser", "target_user"),
+        ("sshOptions", "ssh_options"),
+        ("privilegeEscalationCommand", "privilege_escalation_command"),
+    )
+
+    @classmethod
+    def of(cls, config: NodeConfig) -> HostAccess:
+        return cls(
+            config.target_host,
+            config.target_port,
+            config.target_user,
+            config.ssh_options,
+            config.privilege_escalation_command,
+        )
+
+    def differences(self, other: HostAccess) -> tuple[str, ...]:
+        """The deployment options (`targetHost`, ...) whose values differ."""
+        return tuple(o for o, f in self.OPTIONS if getattr(self, f) != getattr(other, f))
+
+    def to_json(self) -> dict[str, Any]:
+        return {o: _plain(getattr(self, f)) for o, f in self.OPTIONS}
+
+    @classmethod
+    def from_json(cls, data: Any) -> HostAccess:
+        port = data["targetPort"]
+        return cls(
+            target_host=None if data["targetHost"] is None else str(data["targetHost"]),
+            target_port=None if port is None else int(port),
+            target_user=None if data["targetUser"] is None else str(data["targetUser"]),
+            ssh_options=tuple(str(o) for o in data["sshOptions"]),
+            privilege_escalation_command=tuple(str(a) for a in data["privilegeEscalationCommand"]),
+        )
+
+
+def _plain(value: object) -> object:
+    return list(value) if isinstance(value, tuple) else value
+
+
+@dataclass(frozen=True)
 class SideNode:
-    """One node's evaluation on one side of a plan."""
+    """One node's evaluation on one side of a plan; `access` only when it was asked for
+    (None with `access_error` when the node's deployment settings do not evaluate)."""
 
     drv_path: str | None
     out_path: str | None
     error: str | None = None
     detail: str = ""
+    access: HostAccess | None = None
+    access_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -46,7 +105,14 @@ class SideEval:
             "format": CACHE_FORMAT,
             "names": list(self.names),
             "nodes": {
-                n: {"drv": v.drv_path, "out": v.out_path, "error": v.error, "detail": v.detail}
+                n: {
+                    "drv": v.drv_path,
+                    "out": v.out_path,
+                    "error": v.error,
+                    "detail": v.detail,
+                    "access": None if v.access is None else v.access.to_json(),
+                    "access_error": v.access_error,
+                }
                 for n, v in self.nodes.items()
             },
         }
@@ -57,11 +123,18 @@ class SideEval:
             if data.get("format") != CACHE_FORMAT:
                 return None
             nodes = {
-                str(n): SideNode(v["drv"], v["out"], v.get("error"), v.get("detail", ""))
+                str(n): SideNode(
+                    v["drv"],
+                    v["out"],
+                    v.get("error"),
+                    v.get("detail", ""),
+                    None if v.get("access") is None else HostAccess.from_json(v["access"]),
+                    v.get("access_error"),
+                )
                 for n, v in data["nodes"].items()
             }
             return cls(tuple(str(n) for n in data["names"]), nodes)
-        except (AttributeError, KeyError, TypeError):
+        except (AttributeError, KeyError, TypeError, ValueError):
             return None
 
 

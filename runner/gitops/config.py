@@ -172,18 +172,25 @@ def load_config(path: Path | None, *, search_from: Path) -> CiConfig:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read: {e}") from None
+    return parse_config(text, source=path)
+
+
+def parse_config(text: str, *, source: Path, where: str | None = None) -> CiConfig:
+    """The settings in `text`, the content of the file `source` (relative paths are
+    relative to its directory); errors name `where` (default: the file)."""
+    where = where or str(source)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+        raise ConfigError(f"{where}: not valid YAML{at}: {problem}") from None
     if data is None:
-        return CiConfig(source=path)
+        return CiConfig(source=source)
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: must be a mapping of settings, not {type(data).__name__}")
-    return _apply(CiConfig(source=path), data, base=path.parent, where=str(path))
+        raise ConfigError(f"{where}: must be a mapping of settings, not {type(data).__name__}")
+    return _apply(CiConfig(source=source), data, base=source.parent, where=where)
 
 
 def merge(config: CiConfig, overrides: Mapping[str, object]) -> CiConfig:

@@ -33,7 +33,7 @@ from runner import nix, process
 from runner.errors import HiveError, NixError, UsageError
 from runner.evaluate import EvalSettings, evaluate
 from runner.gitops import cache
-from runner.gitops.cache import SideEval, SideNode
+from runner.gitops.cache import HostAccess, SideEval, SideNode
 from runner.gitops.changes import (
     GitError,
     PathChange,
@@ -121,6 +121,22 @@ class ClosureDelta:
 
 
 @dataclass(frozen=True)
+class DryActivation:
+    """Whether `waggle ci` dry-activates a node of a pull request, and why (not)."""
+
+    planned: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class DryActivationPolicy:
+    """Whether a pull request's plan dry-activates at all, and why (not)."""
+
+    enabled: bool
+    reason: str
+
+
+@dataclass(frozen=True)
 class NodeChange:
     name: str
     kind: Kind
@@ -135,6 +151,12 @@ class NodeChange:
     packages: PackageDiff | None = None
     closure: ClosureDelta | None = None
     notes: tuple[str, ...] = ()
+    # with compute_plan(host_access=True): how each side reaches the node's host
+    base_access: HostAccess | None = None
+    head_access: HostAccess | None = None
+    base_access_error: str | None = None
+    head_access_error: str | None = None
+    dry_activate: DryActivation | None = None  # set by trust.decide_dry_activation
 
     @property
     def affected(self) -> bool:
@@ -143,6 +165,10 @@ class NodeChange:
     @property
     def failed(self) -> bool:
         return self.error is not None or (self.build is not None and not self.build.ok)
+
+    @property
+    def dry_activate_planned(self) -> bool:
+        return self.dry_activate is not None and self.dry_activate.planned
 
 
 @dataclass(frozen=True)
@@ -162,6 +188,7 @@ class Plan:
     base_cached: bool = False
     seconds: float = 0.0
     ignore: tuple[str, ...] = field(default=DEFAULT_IGNORE)
+    dry_activation: DryActivationPolicy | None = None  # pull requests in `waggle ci` only
 
     @property
     def affected(self) -> tuple[NodeChange, ...]:
@@ -274,8 +301,29 @@ def _matching(
     return [n for n in names if any(r.matches(n, tags.get(n, ())) for r in selector.rules)]
 
 
+async def _host_access(
+    hive: Hive, names: Sequence[str]
+) -> dict[str, tuple[HostAccess | None, str | None]]:
+    """Each node's HostAccess, or None and the error when its deployment settings do not
+    evaluate (then each node is asked on its own, so one broken node costs only itself)."""
+    try:
+        configs = await hive.deployment(names)
+    except HiveError as e:
+        if len(names) == 1:
+            return {names[0]: (None, e.message)}
+        out: dict[str, tuple[HostAccess | None, str | None]] = {}
+        for name in names:
+            out.update(await _host_access(hive, [name]))
+        return out
+    return {n: (HostAccess.of(c), None) for n, c in configs.items()}
+
+
 async def _evaluate_side(
-    source: HiveSource, flags: NixFlags, selector: Selector | None, settings: EvalSettings
+    source: HiveSource,
+    flags: NixFlags,
+    selector: Selector | None,
+    settings: EvalSettings,
+    host_access: bool = False,
 ) -> SideEval:
     hive = await Hive(source, flags).prepared()
     names = await hive.node_names()
@@ -286,9 +334,13 @@ async def _evaluate_side(
     if not chosen:
         return SideEval((), {})
     run = await evaluate(hive, chosen, settings)
+    access = await _host_access(hive, chosen) if host_access else {}
     return SideEval(
         tuple(sorted(chosen)),
-        {n: SideNode(r.drv_path, r.out_path, r.error, r.detail) for n, r in run.results.items()},
+        {
+            n: SideNode(r.drv_path, r.out_path, r.error, r.detail, *access.get(n, (None, None)))
+            for n, r in run.results.items()
+        },
     )
 
 
@@ -307,6 +359,7 @@ async def compute_plan(
     eval_settings: EvalSettings | None = None,
     remote: str = "origin",
     callbacks: pygit2.RemoteCallbacks | None = None,
+    host_access: bool = False,
 ) -> Plan:
     """Work out what the change base..head does to the selected nodes (no builds).
 
@@ -314,7 +367,8 @@ async def compute_plan(
     tree (`hive_path_of(locate(...))`); the repository is found upwards from it.
     `head` defaults to HEAD. Raises UsageError for an unknown head, HiveError when the
     hive does not evaluate at head; a base that does not evaluate makes every node
-    affected instead.
+    affected instead. With `host_access`, each node's HostAccess (how its host is
+    reached) is read on both sides too (`NodeChange.base_access`, `head_access`).
     """
     started = time.monotonic()
     flags = flags or NixFlags()
@@ -387,7 +441,7 @@ async def compute_plan(
         head_source = _source_in(head_dir, rel)
         if head_source is None:
             raise HiveError(f"plan: there is no hive at {rel or '.'} in the head commit")
-        head_side = await _evaluate_side(head_source, flags, selector, eval_settings)
+        head_side = await _evaluate_side(head_source, flags, selector, eval_settings, host_access)
         evaluations = 1
         base_side: SideEval | None = None
         base_cached = False
@@ -401,6 +455,7 @@ async def compute_plan(
                 selector,
                 eval_settings,
                 cache_dir,
+                host_access,
             )
             notes += base_notes
             if base_side is None:
@@ -434,6 +489,7 @@ async def _base_side(
     selector: Selector | None,
     settings: EvalSettings,
     cache_dir: Path | None,
+    host_access: bool = False,
 ) -> tuple[SideEval | None, bool, list[str]]:
     """(side or None when the hive fails at base, cache hit, notes)."""
     notes: list[str] = []
@@ -449,6 +505,7 @@ async def _base_side(
             flags.options,
             flags.machines_file,
             os.environ.get("NIX_PATH", ""),
+            *(("host-access",) if host_access else ()),
         )
         path = cache.cache_file(cache_dir, str(commit.tree.id), await nix_version(), key)
         hit = await asyncio.to_thread(cache.load, path)
@@ -461,7 +518,7 @@ async def _base_side(
         notes.append(f"there is no hive at {rel or '.'} in the base commit: every node is new")
         return SideEval((), {}), False, notes
     try:
-        side = await _evaluate_side(source, flags, selector, settings)
+        side = await _evaluate_side(source, flags, selector, settings, host_access)
     except HiveError as e:
         notes.append(f"base: {e.message}")
         return None, False, notes
@@ -480,7 +537,13 @@ def _compare(head: SideEval, base: SideEval | None) -> tuple[NodeChange, ...]:
             assert b is not None
             out.append(
                 NodeChange(
-                    name, "removed", "node removed", base_drv=b.drv_path, base_out=b.out_path
+                    name,
+                    "removed",
+                    "node removed",
+                    base_drv=b.drv_path,
+                    base_out=b.out_path,
+                    base_access=b.access,
+                    base_access_error=b.access_error,
                 )
             )
             continue
@@ -508,6 +571,10 @@ def _compare(head: SideEval, base: SideEval | None) -> tuple[NodeChange, ...]:
                 base_out=b.out_path if b else None,
                 error=h.error,
                 detail=h.detail,
+                base_access=b.access if b else None,
+                head_access=h.access,
+                base_access_error=b.access_error if b else None,
+                head_access_error=h.access_error,
             )
         )
     return tuple(out)
@@ -740,6 +807,15 @@ def plan_markdown(plan: Plan) -> str:
                 )
             lines.append(f"| {escape(n.name)} | {n.kind} | {escape(n.reason, 300)} | {built} |")
         lines.append("")
+    if plan.dry_activation is not None:
+        policy = plan.dry_activation
+        lines += ["### Dry activation", "", f"{escape(policy.reason, 500)}.", ""]
+        decided = [n for n in plan.nodes if n.dry_activate is not None]
+        for n in sorted(decided, key=lambda n: (not n.dry_activate_planned, n.name)):
+            assert n.dry_activate is not None
+            lines.append(f"- {code(n.name)}: {escape(n.dry_activate.reason, 500)}")
+        if decided:
+            lines.append("")
     for n in affected:
         if not (n.packages or n.closure or n.notes or n.error):
             continue
@@ -799,6 +875,9 @@ def plan_json(plan: Plan) -> dict[str, Any]:
             "packages": None,
             "closure": None,
             "notes": list(n.notes),
+            "dry_activate": None
+            if n.dry_activate is None
+            else {"planned": n.dry_activate.planned, "reason": n.dry_activate.reason},
         }
         if n.packages is not None:
             out["packages"] = {
@@ -841,6 +920,9 @@ def plan_json(plan: Plan) -> dict[str, Any]:
         "ignore": list(plan.ignore),
         "nodes": [node(n) for n in sorted(plan.nodes, key=lambda n: (not n.affected, n.name))],
         "notes": list(plan.notes),
+        "dry_activation": None
+        if plan.dry_activation is None
+        else {"enabled": plan.dry_activation.enabled, "reason": plan.dry_activation.reason},
         "evaluations": plan.evaluations,
         "base_cached": plan.base_cached,
         "seconds": round(plan.seconds, 3),
