@@ -174,6 +174,10 @@ async def run(
     )
 
 
+REAP_TIMEOUT = 5.0
+"""Seconds a killed process (and its pipes) may take to be gone."""
+
+
 @dataclass
 class Reading:
     """A running process whose stdout is read as a stream."""
@@ -182,10 +186,46 @@ class Reading:
     stdout: asyncio.StreamReader
     _stderr: asyncio.Task[bytes]
 
-    async def wait(self) -> tuple[int, str]:
-        """Exit status and stderr, once stdout is consumed."""
-        status = await self.proc.wait()
-        return status, (await self._stderr).decode(errors="replace")
+    async def wait(self, timeout: float | None = None) -> tuple[int, str]:
+        """Exit status and stderr, once stdout is consumed.
+
+        Past `timeout` the process group is killed (see `kill`): a process still writing
+        into a pipe that nobody reads any more would never end by itself.
+        """
+        try:
+            status = await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            return await self.kill()
+        return status, await self._stderr_text()
+
+    async def kill(self) -> tuple[int, str]:
+        """Kill the process group unless the process has ended; reap it; status and stderr.
+
+        Bounded by REAP_TIMEOUT. Whatever is left on stdout is discarded (asyncio reaps a
+        process only once its pipes are closed). A process that ended by itself keeps its own
+        exit status; a killed one has -SIGKILL.
+        """
+        if self.proc.returncode is None:
+            _kill_group(self.proc)
+
+        async def reap() -> int:
+            while await self.stdout.read(1 << 16):
+                pass
+            return await self.proc.wait()
+
+        try:
+            status = await asyncio.wait_for(reap(), REAP_TIMEOUT)
+        except (TimeoutError, OSError, RuntimeError):  # RuntimeError: stdout read elsewhere
+            code = self.proc.returncode
+            status = code if code is not None else -signal.SIGKILL
+        return status, await self._stderr_text()
+
+    async def _stderr_text(self) -> str:
+        try:
+            data = await asyncio.wait_for(asyncio.shield(self._stderr), REAP_TIMEOUT)
+        except (TimeoutError, OSError):
+            return ""
+        return data.decode(errors="replace")
 
 
 @contextlib.asynccontextmanager
@@ -194,8 +234,8 @@ async def reading(
 ) -> AsyncIterator[Reading]:
     """Start argv with its stdout as a stream (e.g. `nix-store --export` piped to a host).
 
-    Stderr is collected in the background; the whole process group is killed
-    if the block is left before the process ended.
+    Stderr is collected in the background; when the block is left the process group is
+    killed if the process has not ended, and reaped (bounded: `Reading.kill`).
     """
     full_env = None if env is None else {**os.environ, **env}
     try:
@@ -211,12 +251,11 @@ async def reading(
         raise ToolMissingError(f"{argv[0]} is not installed or not on PATH") from e
     assert proc.stdout is not None and proc.stderr is not None
     stderr_task = asyncio.create_task(proc.stderr.read())
+    running = Reading(proc, proc.stdout, stderr_task)
     try:
-        yield Reading(proc, proc.stdout, stderr_task)
+        yield running
     finally:
         if proc.returncode is None:
-            _kill_group(proc)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(proc.wait(), 5)
+            await running.kill()
         if not stderr_task.done():
             stderr_task.cancel()
