@@ -213,7 +213,7 @@ async def _deploy_node(
             if build_on_target and goal is not Goal.UPLOAD_KEYS:
                 assert built.drv_path is not None
 
-                async def build_remote() -> str:
+                async def build_remote() -> tuple[str, Facts]:
                     pushed = await push_closure(
                         host, built.drv_path or "", substitute=True, timeout=settings.push_timeout
                     )
@@ -225,12 +225,13 @@ async def _deploy_node(
                         raise StepError(
                             f"build on {host.name} failed: {done.describe()}", detail=done.stderr
                         )
-                    return f"built on target ({pushed.describe()})"
+                    # The facts of the .drv closure's push (its size is not the system's).
+                    return f"built on target ({pushed.describe()})", pushed.facts(closure=False)
 
                 await p.stage(Stage.BUILD, build_remote)
             elif goal is not Goal.UPLOAD_KEYS:
 
-                async def push() -> str:
+                async def push() -> tuple[str, Facts]:
                     assert toplevel is not None
                     result = await push_closure(
                         host,
@@ -238,7 +239,7 @@ async def _deploy_node(
                         substitute=settings.substitute,
                         timeout=settings.push_timeout,
                     )
-                    return result.describe()
+                    return result.describe(), result.facts()
 
                 await p.stage(Stage.PUSH, push)
             if goal in (Goal.BUILD, Goal.PUSH):
