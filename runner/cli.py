@@ -990,6 +990,9 @@ async def cmd_ci(ns: argparse.Namespace) -> int:
     if chosen == "plan":
         settings = pr_settings or trust.PrSettings(config)
         policy = trust.dry_activation_policy(context, replace(settings, config=config))
+        # The comment's token is taken now; the PR's code is evaluated without any token.
+        token = comments.token_from_env(context, os.environ, config.token_env)
+        trust.withhold_secrets(os.environ, config.token_env)
         source = locate(_opt(ns, "config"), Path.cwd())
         flags = _nix_flags(ns)
         plan = await compute_plan(
@@ -1011,7 +1014,6 @@ async def cmd_ci(ns: argparse.Namespace) -> int:
         text = _write_plan_reports(plan, md=ns.report_md, junit=ns.junit, json_path=None)
         print(text)
         if config.comment:
-            token = comments.token_from_env(context, os.environ, config.token_env)
             if token is None:
                 log.warning("no API token in the environment: the plan is not posted")
             else:

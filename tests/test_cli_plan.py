@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
 from typing_extensions import override
 
 from tests.conftest import write_hive
@@ -67,8 +68,17 @@ def test_plan_names_the_changed_node(tmp_path):
     assert "Traceback" not in unknown.stderr
 
 
-def test_ci_posts_the_plan_as_a_sticky_comment(tmp_path):
-    """waggle ci on a pull request with comment: true talks to the forge API (a local server)."""
+LEAKY_ALPHA = (
+    '{ ... }: throw "token=${builtins.getEnv "GITHUB_TOKEN"} '
+    'git=${builtins.getEnv "WAGGLE_GIT_TOKEN"} mine=${builtins.getEnv "FORGE_TOKEN"}"\n'
+)
+
+
+@pytest.mark.parametrize("leaky", [False, True], ids=["plain", "hive-reads-tokens"])
+def test_ci_posts_the_plan_as_a_sticky_comment(tmp_path, leaky):
+    """waggle ci on a pull request with comment: true talks to the forge API (a local server).
+    The PR's hive is evaluated without the tokens in its environment: one that reads them
+    with builtins.getEnv and throws them gets empty strings, so they reach no comment."""
     import http.server
     import os
     import sys
@@ -104,14 +114,18 @@ def test_ci_posts_the_plan_as_a_sticky_comment(tmp_path):
         write_hive(tmp_path, HIVE)
         (tmp_path / "alpha.nix").write_text("{ }\n")
         # On a pull request the settings count from the base commit.
-        (tmp_path / "waggle.yaml").write_text("comment: true\n")
+        (tmp_path / "waggle.yaml").write_text(
+            "comment: true\n" + ("token_env: FORGE_TOKEN\n" if leaky else "")
+        )
         git(tmp_path, "init", "-q", "-b", "main")
         git(tmp_path, "add", "-A")
         git(tmp_path, "commit", "-qm", "first")
         base = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True, check=True
         ).stdout.strip()
-        (tmp_path / "alpha.nix").write_text('{ environment.etc.x.text = "changed"; }\n')
+        (tmp_path / "alpha.nix").write_text(
+            LEAKY_ALPHA if leaky else '{ environment.etc.x.text = "changed"; }\n'
+        )
         git(tmp_path, "commit", "-qam", "second")
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True, check=True
@@ -144,6 +158,8 @@ def test_ci_posts_the_plan_as_a_sticky_comment(tmp_path):
                 "GITHUB_REF_NAME": "5/merge",
                 "GITHUB_REPOSITORY": "acme/fleet",
                 "GITHUB_TOKEN": "secret-token-123",
+                "WAGGLE_GIT_TOKEN": "secret-git-456",
+                "FORGE_TOKEN": "secret-forge-789",
                 "GITHUB_API_URL": f"http://127.0.0.1:{server.server_address[1]}",
             }
         )
@@ -159,13 +175,17 @@ def test_ci_posts_the_plan_as_a_sticky_comment(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.returncode == (1 if leaky else 0), done.stdout + done.stderr
     posts = [r for r in requests if r[0] == "POST"]
     assert [p[1] for p in posts] == ["/repos/acme/fleet/issues/5/comments"]
-    assert posts[0][2] == "Bearer secret-token-123"
+    token = "secret-forge-789" if leaky else "secret-token-123"
+    assert posts[0][2] == f"Bearer {token}"
     body = json.loads(posts[0][3])["body"]
     assert "<!-- waggle-plan -->" in body and "alpha" in body
-    assert "secret-token-123" not in done.stdout + done.stderr
+    if leaky:
+        assert "token= git= mine=" in body, body  # the hive ran, and saw no token
+    for secret in ("secret-token-123", "secret-git-456", "secret-forge-789"):
+        assert secret not in body + done.stdout + done.stderr, secret
 
 
 # -- -f outside the repository: one line, naming the file and the repository ---------------

@@ -4,7 +4,8 @@ The file is optional. Without `--ci-config`, `load_config` looks for `waggle.yam
 start directory and its parents, stopping at the repository root (the first directory holding
 `.git`). Every key is optional; an unknown key or a value of the wrong type is an error that
 names the key and the file (exit 2). Relative paths in the file are relative to the file's
-directory. Command-line flags override the file (`merge`).
+directory. Command-line flags override the file (`merge`). On a pull request `waggle ci`
+reads the file from the base commit's tree instead (`runner.gitops.trust.pr_config`).
 
     hive: ./hive.nix            # hive.nix, a directory, a flake.nix or a flake reference
     on: "@web,db-*"             # restrict every run to these nodes (waggle --on syntax)

@@ -19,6 +19,8 @@ from the base commit (already on the target branch), never from the PR:
   settings do not evaluate on both sides are not dry-activated, and the plan says why.
 - the dry activation itself (`dry_activation_config`): no keys are uploaded (no
   keyCommand runs on the runner), nothing is built on a target host, no profile is set.
+- the job's credentials (`withhold_secrets`): forge tokens are read once, then removed from
+  the environment the PR's hive is evaluated in (`builtins.getEnv` sees none of them).
 
 Command-line flags and the CI's own variables come from the pipeline definition and the
 runner, which Waggle trusts: a pipeline that a PR can edit and that holds the deploy key
@@ -28,6 +30,7 @@ is beyond what any tool in it can protect (see ci-templates/README.md).
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import MutableMapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -39,6 +42,28 @@ from runner.gitops.ci import CiContext, deploy_branches
 from runner.gitops.config import CONFIG_NAME, CiConfig, ConfigError, load_config, parse_config
 from runner.gitops.plan import DryActivation, DryActivationPolicy, NodeChange, Plan
 from runner.hive.model import NodeConfig
+
+# Credentials the CI hands a job and Waggle knows by name: forge API tokens (the comment's),
+# GitHub's OIDC and runtime tokens, the watcher's git token. A legacy hive is evaluated
+# impurely, so `builtins.getEnv` would hand them to the pull request's code (and a `throw`
+# would print them into the plan and the PR comment).
+SECRET_ENV: tuple[str, ...] = (
+    "GITHUB_TOKEN",
+    "GH_TOKEN",
+    "WAGGLE_GITLAB_TOKEN",
+    "GITLAB_TOKEN",
+    "CI_JOB_TOKEN",
+    "ACTIONS_ID_TOKEN_REQUEST_TOKEN",
+    "ACTIONS_RUNTIME_TOKEN",
+    "WAGGLE_GIT_TOKEN",
+)
+
+
+def withhold_secrets(env: MutableMapping[str, str], token_env: str | None = None) -> list[str]:
+    """Remove the known credential variables (and `token_env`) from `env`, normally
+    `os.environ` before a pull request's code is evaluated; returns the names removed."""
+    names = [*SECRET_ENV, *((token_env,) if token_env else ())]
+    return [name for name in names if env.pop(name, None) is not None]
 
 
 @dataclass(frozen=True)
