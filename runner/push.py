@@ -117,10 +117,20 @@ async def cacheable(paths: Sequence[str], *, timeout: float = 120) -> list[str]:
     outputs = [p for p in paths if not p.endswith(".drv")]
     if not outputs:
         return []
-    done = await process.run(
-        ["nix", "--extra-experimental-features", "nix-command", "path-info", "--json", *outputs],
-        timeout=timeout,
-    )
+    try:
+        done = await process.run(
+            [
+                "nix",
+                "--extra-experimental-features",
+                "nix-command",
+                "path-info",
+                "--json",
+                *outputs,
+            ],
+            timeout=timeout,
+        )
+    except OSError:  # e.g. an argument list too long for this system
+        return outputs
     if not done.ok:
         return outputs
     try:

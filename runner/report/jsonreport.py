@@ -31,9 +31,16 @@ changing the meaning of one bumps the version.
 | `nodes[].stages[].seconds` | number | how long it took |
 | `nodes[].stages[].message` | string | a one-line outcome, or the skip reason (`"unchanged"`, `"no targetHost"`) |
 | `nodes[].stages[].started_at` | string or null | when it started, if known |
-| `nodes[].stages[].facts` | object | measured facts: string to number or string, e.g. `paths_total`, `paths_sent`, `bytes_sent`, `closure_bytes` on `push` |
+| `nodes[].stages[].facts` | object | measured facts: string to number or string (below) |
 | `nodes[].stages[].log_tail` | string or null | the last 50 lines of the stage's log or error detail |
 | `not_selected` | array of string | the hive's nodes left out by `--on` |
+
+Facts of an ok `push` stage: `paths_total` (paths in the system's closure), `paths_sent`,
+`bytes_sent` (of the `nix-store --export` stream), `closure_bytes` (NAR size of the closure),
+`substitute_seconds` (the host's own substitution of missing paths, 0 when it was skipped) and
+`paths_substituted` (missing paths the host fetched from its own caches). A `build` stage on
+the target has the same facts for the pushed `.drv` closure, without `closure_bytes`; a local
+`build` that found the system already built has `already_built` = 1. Failed stages have none.
 """
 
 from __future__ import annotations
