@@ -45,6 +45,8 @@ SUBSTITUTE_OPTIONS = (
     "--keep-going",
 )
 
+PATH_INFO = ("nix", "--extra-experimental-features", "nix-command", "path-info", "--json")
+
 KILL_GRACE = 3
 """Seconds the host's `timeout` waits after SIGTERM before it sends SIGKILL."""
 
@@ -118,17 +120,7 @@ async def cacheable(paths: Sequence[str], *, timeout: float = 120) -> list[str]:
     if not outputs:
         return []
     try:
-        done = await process.run(
-            [
-                "nix",
-                "--extra-experimental-features",
-                "nix-command",
-                "path-info",
-                "--json",
-                *outputs,
-            ],
-            timeout=timeout,
-        )
+        done = await process.run([*PATH_INFO, *outputs], timeout=timeout)
     except OSError:  # e.g. an argument list too long for this system
         return outputs
     if not done.ok:
