@@ -211,8 +211,20 @@ def test_keys_end_to_end_and_poison(fleet, hive):
     deployment.keys.cmd = {{ keyCommand = [ "echo" "from-a-command" ]; uploadAt = "post-activation"; }};
   }}""",
     )
-    done = apply(hive, fleet, "switch", "--on", "host2", "-v")
+    reports = [hive / "r.json", hive / "r.xml", hive / "r.md"]
+    done = apply(
+        hive,
+        fleet,
+        "switch",
+        "--on",
+        "host2",
+        "-v",
+        *("--report-json", str(reports[0]), "--junit", str(reports[1])),
+        *("--report-md", str(reports[2])),
+    )
     assert done.returncode == 0, done.stdout + done.stderr
+    for report in reports:  # written, and without the secret
+        assert "host2" in report.read_text() and poison not in report.read_text()
     h = fleet["host2"]
     key = h.path("/run/keys/poison")
     assert key.read_text() == poison

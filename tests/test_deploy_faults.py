@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -205,7 +206,7 @@ def test_unparsable_ssh_option_fails_its_node_only(fleet, tmp_path):
     assert "Port" in rows["host3"] and "\n" not in rows["host3"]
 
 
-def established_to(address: str) -> list:
+def established_to(address: str) -> list[Any]:
     return [
         c
         for c in psutil.Process().net_connections(kind="tcp")
