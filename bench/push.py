@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from runner.deploy.push import push_closure
 from runner.hosts.ssh import SshHost, SshSettings, SshTarget
-from runner.push import push_closure
 from tests.fleet import Fleet, free_first_octet
 
 SYSTEM = (

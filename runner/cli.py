@@ -26,7 +26,7 @@ from typing_extensions import override
 
 from runner import __version__, interrupt, nix
 from runner.build import BuildSettings, evaluate_and_build
-from runner.deploy import DeploySettings, Goal, deploy, goal_stages
+from runner.deploy.pipeline import DeploySettings, Goal, deploy, goal_stages
 from runner.errors import (
     EXIT_INTERRUPTED,
     EXIT_NODES_FAILED,
@@ -44,9 +44,9 @@ class ReportError(WaggleError):
     exit_code = EXIT_NODES_FAILED
 
 
+from runner.deploy.exec import run_everywhere
 from runner.evaluate import EvalRun, EvalSettings, MemoryBudget, parse_size
 from runner.events import Recorder, Sink
-from runner.exec import run_everywhere
 from runner.gitinfo import head_commit
 from runner.gitops import ci, comments, trust
 from runner.gitops.changed import select_changed

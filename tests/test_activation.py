@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from runner import activation
-from runner.activation import (
+from runner.deploy import activation
+from runner.deploy.activation import (
     ActivationResult,
     CurrentSystem,
     activate,

@@ -28,14 +28,14 @@ import psutil
 import pytest
 
 from runner.build import BuildSettings
-from runner.deploy import DeploySettings, Goal, deploy, ssh_host_for
+from runner.deploy.pipeline import DeploySettings, Goal, deploy
 from runner.evaluate import EvalSettings
 from runner.events import Event, EventKind
 from runner.hive.discovery import locate
 from runner.hive.hive import Hive
 from runner.hive.model import NodeConfig
 from runner.hosts import LineCallback, RemoteResult
-from runner.hosts.ssh import SshHost, SshSettings
+from runner.hosts.ssh import SshHost, SshSettings, ssh_host_for
 from runner.nix import NixFlags
 from runner.results import NodeResult, Stage
 from tests.conftest import ROOT, needs_fleet, write_hive

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from runner.build import BuildSettings
-from runner.deploy import DeploySettings, Goal, deploy
+from runner.deploy.pipeline import DeploySettings, Goal, deploy
 from runner.evaluate import EvalSettings
 from runner.hive.discovery import locate
 from runner.hive.hive import Hive

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from runner.activation import CurrentSystem
-from runner.deploy import Goal, _unchanged, goal_stages
+from runner.deploy.activation import CurrentSystem
+from runner.deploy.pipeline import Goal, _unchanged, goal_stages
 from runner.results import Stage
 
 NEW = "/nix/store/new-system"

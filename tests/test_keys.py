@@ -23,9 +23,9 @@ import asyncssh
 import psutil
 import pytest
 
+from runner.deploy.keys import KeysOutcome, KeyUploadError, read_key, upload_key, upload_keys
 from runner.hive.model import Key, KeySource, UploadAt
 from runner.hosts.ssh import SshHost, SshSettings, SshTarget
-from runner.keys import KeysOutcome, KeyUploadError, read_key, upload_key, upload_keys
 from tests.fake_ssh import DEFAULT_ENV, FakeHost
 from tests.fleet import Fleet, TestHost, free_first_octet
 

@@ -31,8 +31,8 @@ import psutil
 import pytest
 from typing_extensions import override
 
+from runner.deploy.push import PushError, push_closure
 from runner.hosts.ssh import SshHost, SshSettings, SshTarget
-from runner.push import PushError, push_closure
 from tests.conftest import ROOT, needs_fleet, write_hive
 from tests.fleet import Fleet, TestHost, free_first_octet
 from tests.helpers import waggle

@@ -6,11 +6,10 @@ import asyncio
 import contextlib
 from collections.abc import Mapping
 
-from runner.activation import current_system
-from runner.deploy import ssh_host_for
+from runner.deploy.activation import current_system
 from runner.errors import WaggleError
 from runner.hive.model import NodeConfig
-from runner.hosts.ssh import SshSettings
+from runner.hosts.ssh import SshSettings, ssh_host_for
 
 
 async def find_drift(

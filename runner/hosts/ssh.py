@@ -38,6 +38,7 @@ from typing import Any
 import asyncssh
 from asyncssh.config import SSHClientConfig, SSHConfig
 
+from runner.hive.model import NodeConfig
 from runner.hosts import HostError, LineCallback, RemoteResult, command_line
 from runner.scripts import write_file_argv
 
@@ -684,3 +685,20 @@ def _jump_hop(hop: str, node: str) -> tuple[str | None, str, int | None]:
 class RemoteError(HostError):
     def __init__(self, target: SshTarget, message: str) -> None:
         super().__init__(f"{target.describe()}: {message}")
+
+
+def ssh_host_for(config: NodeConfig, settings: SshSettings) -> SshHost:
+    """The SshHost that reaches a node: its targetHost, port, user, sshOptions, escalation."""
+    if config.target_host is None:
+        raise ValueError(f"node {config.name} has no targetHost")
+    return SshHost(
+        SshTarget(
+            node=config.name,
+            host=config.target_host,
+            port=config.target_port,
+            user=config.target_user,
+            ssh_options=config.ssh_options,
+            escalation=config.privilege_escalation_command,
+        ),
+        settings,
+    )

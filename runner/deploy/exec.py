@@ -7,10 +7,9 @@ import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from runner.deploy import ssh_host_for
 from runner.hive.model import NodeConfig
 from runner.hosts import HostError
-from runner.hosts.ssh import SshSettings
+from runner.hosts.ssh import SshSettings, ssh_host_for
 
 
 @dataclass(frozen=True)

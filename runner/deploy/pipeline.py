@@ -23,16 +23,16 @@ from pathlib import Path
 
 from typing_extensions import override
 
-from runner import activation, keys
 from runner.build import BuildRun, BuildSettings, evaluate_and_build
+from runner.deploy import activation, keys
+from runner.deploy.push import push_closure
 from runner.errors import WaggleError, failure_text
 from runner.evaluate import EvalSettings
 from runner.events import Emitter, Sink, discard
 from runner.hive.hive import Hive
 from runner.hive.model import NodeConfig
 from runner.hosts import Host
-from runner.hosts.ssh import SshHost, SshSettings, SshTarget
-from runner.push import push_closure
+from runner.hosts.ssh import SshSettings, ssh_host_for
 from runner.results import NodeResult, Stage, StageResult, Status
 
 
@@ -101,21 +101,6 @@ class DeploySettings:
 
 
 HostFactory = Callable[[NodeConfig], Host]
-
-
-def ssh_host_for(config: NodeConfig, settings: SshSettings) -> SshHost:
-    assert config.target_host is not None
-    return SshHost(
-        SshTarget(
-            node=config.name,
-            host=config.target_host,
-            port=config.target_port,
-            user=config.target_user,
-            ssh_options=config.ssh_options,
-            escalation=config.privilege_escalation_command,
-        ),
-        settings,
-    )
 
 
 Facts = tuple[tuple[str, int | float | str], ...]
