@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
 from runner.errors import WaggleError
+from runner.goals import ACTIVATION_GOALS
 from runner.hosts import Host, RemoteResult
 
 Method = Literal["systemd-run", "detached"]
 MethodChoice = Literal["auto", "systemd-run", "detached"]
-GOALS = ("switch", "boot", "test", "dry-activate")
 SYSTEM_PROFILE = "/nix/var/nix/profiles/system"
 CURRENT_SYSTEM = "/run/current-system"
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
@@ -373,8 +373,8 @@ async def activate(
     on the host when `timeout` expires. Never raises for a failure on the host: the result
     says what happened. Returns within `timeout` plus a few seconds of clean-up.
     """
-    if goal not in GOALS:
-        raise ValueError(f"not an activation goal: {goal!r} (one of {', '.join(GOALS)})")
+    if goal not in ACTIVATION_GOALS:
+        raise ValueError(f"not an activation goal: {goal!r} (one of {', '.join(ACTIVATION_GOALS)})")
     if not toplevel.startswith("/"):
         raise ValueError(f"not a store path: {toplevel!r}")
     began = time.monotonic()
