@@ -51,3 +51,11 @@ def test_no_match_says_so():
 def test_exact_names_select_themselves(chosen):
     selected = parse_on(",".join(chosen)).select(NAMES, TAGS)
     assert selected == [n for n in NAMES if n in chosen]
+
+
+def test_matching_is_select_without_the_error():
+    # One matcher: `waggle plan` uses `matching` (a side may have no match), the rest `select`.
+    assert parse_on("nothing-*").matching(NAMES, TAGS) == []
+    for text in ("alpha,beta", "@infra-*", "edge-*,@controller"):
+        sel = parse_on(text)
+        assert sel.matching(NAMES, TAGS) == sel.select(NAMES, TAGS)

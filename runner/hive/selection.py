@@ -35,19 +35,19 @@ class Selector:
     def needs_tags(self) -> bool:
         return any(r.tag for r in self.rules)
 
+    def matching(self, names: Sequence[str], tags: Mapping[str, Sequence[str]]) -> list[str]:
+        """The nodes in `names` that a rule matches, in `names` order (maybe none)."""
+        return [n for n in names if any(r.matches(n, tags.get(n, ())) for r in self.rules)]
+
     def select(self, names: Sequence[str], tags: Mapping[str, Sequence[str]]) -> list[str]:
         """The matching nodes in `names` order; an error when none match."""
-        chosen = [n for n in names if any(r.matches(n, tags.get(n, ())) for r in self.rules)]
+        chosen = self.matching(names, tags)
         if not chosen:
             shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
             raise UsageError(
                 f"--on {self.text!r} matches no node (the hive has: {shown or 'none'})"
             )
         return chosen
-
-    def name_candidates(self, names: Sequence[str]) -> list[str]:
-        """Nodes matched by name rules alone (usable when no tag rule is present)."""
-        return [n for n in names if any(r.matches(n, ()) for r in self.rules)]
 
 
 def parse_on(text: str) -> Selector:
