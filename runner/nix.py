@@ -202,16 +202,27 @@ class NixInfo:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-async def info() -> NixInfo:
+async def version() -> str:
+    """The local Nix's version (`nix-instantiate --version`: "nix-instantiate (Nix) 2.18.1")."""
     done = await process.run(["nix-instantiate", "--version"], timeout=30)
     if not done.ok:
         raise NixError("nix-instantiate --version failed", detail=done.stderr)
-    version = done.stdout.strip().rsplit(" ", 1)[-1]
+    return done.stdout.strip().rsplit(" ", 1)[-1]
+
+
+async def info() -> NixInfo:
+    nix_version = await version()
     probe = await process.run(
         ["nix-instantiate", *FLAKE_FEATURES, "--eval", "-E", "builtins ? getFlake"], timeout=30
     )
     flakes = probe.ok and probe.stdout.strip() == "true"
-    return NixInfo(version=version, flakes=flakes)
+    return NixInfo(version=nix_version, flakes=flakes)
+
+
+async def valid(paths: Sequence[str], *, timeout: float = 60) -> bool:
+    """Whether every one of `paths` is valid in the local store (`nix-store --check-validity`)."""
+    done = await process.run(["nix-store", "--check-validity", *paths], timeout=timeout)
+    return done.ok
 
 
 async def closure(path: str, *, timeout: float = 300) -> list[str]:

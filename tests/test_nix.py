@@ -63,3 +63,19 @@ def test_error_text_drops_progress_marks():
     stderr = "trace: waggle-node-done a\nerror: attribute 'x' missing\n  at foo.nix:1:2"
     assert nix.first_error_line(stderr) == "attribute 'x' missing"
     assert "waggle-node-done" not in nix.error_text(stderr)
+
+
+def test_version_and_info_ask_the_real_nix_once_each_way():
+    # One version query: `nix.info` (nix-info) and the plan's base cache key use the same.
+    version = asyncio.run(nix.version())
+    assert version[0].isdigit() and "." in version, version
+    assert asyncio.run(nix.info()).version == version
+
+
+def test_valid_paths():
+    done = asyncio.run(
+        nix.eval_json('builtins.toFile "waggle-valid" "x"', NixFlags(), read_write=True)
+    )
+    path = done.value
+    assert asyncio.run(nix.valid([path]))
+    assert not asyncio.run(nix.valid([path, "/nix/store/" + "0" * 32 + "-missing"]))
