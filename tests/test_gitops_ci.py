@@ -14,8 +14,6 @@ from runner.gitops import ci
 from runner.gitops.ci import (
     CiContext,
     detect,
-    escape_data,
-    escape_property,
     failed_nodes,
     format_github_output,
     mode,
@@ -406,8 +404,6 @@ def test_write_outputs_gitlab_dotenv_and_others(tmp_path):
 
 
 def test_annotation_escaping():
-    assert escape_data("100%\r\nnext") == "100%25%0D%0Anext"
-    assert escape_property("a:b,c%\n") == "a%3Ab%2Cc%25%0A"
     (line,) = ci.annotations([("web:1,x", "activate failed: 50% done\nexit 4")], "github")
     assert (
         line == "::error title=waggle%3A web%3A1%2Cx failed::activate failed: 50%25 done%0Aexit 4"

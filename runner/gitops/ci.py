@@ -32,6 +32,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from runner.errors import UsageError
+from runner.github import ANNOTATION_LIMIT, AnnotationKind, annotation
 from runner.gitops.config import CiConfig
 from runner.results import RunSummary
 
@@ -39,9 +40,6 @@ Provider = Literal["github", "gitlab", "drone", "none"]
 EventKind = Literal["pull_request", "push", "other"]
 Mode = Literal["plan", "deploy", "build"]
 Forge = Literal["github", "gitlab"]
-AnnotationKind = Literal["error", "warning", "notice"]
-
-ANNOTATION_LIMIT = 10  # GitHub shows at most 10 annotations of each kind per step
 _ZERO_SHA = re.compile(r"^0+$")
 
 
@@ -439,16 +437,6 @@ def write_outputs(
 # -- annotations ------------------------------------------------------------------------
 
 
-def escape_data(text: str) -> str:
-    """A workflow command's message (actions/toolkit `escapeData`)."""
-    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-
-
-def escape_property(text: str) -> str:
-    """A workflow command's property value (actions/toolkit `escapeProperty`)."""
-    return escape_data(text).replace(":", "%3A").replace(",", "%2C")
-
-
 def annotations(
     failed: Sequence[tuple[str, str]],
     provider: Provider,
@@ -462,19 +450,14 @@ def annotations(
     if provider != "github" or not failed or limit <= 0:
         return []
     shown = list(failed) if len(failed) <= limit else list(failed[: limit - 1])
-    lines = [
-        f"::{kind} title={escape_property(f'waggle: {node} failed')}::{escape_data(message)}"
-        for node, message in shown
-    ]
+    lines = [annotation(kind, f"waggle: {node} failed", message) for node, message in shown]
     more = len(failed) - len(shown)
     if more:
-        title = escape_property(f"waggle: {more} more nodes failed")
         names = ", ".join(node for node, _ in failed[len(shown) :])
-        lines.append(f"::{kind} title={title}::{escape_data(names + ' (see the step summary)')}")
+        lines.append(
+            annotation(kind, f"waggle: {more} more nodes failed", names + " (see the step summary)")
+        )
     return lines
-
-
-annotation_commands = annotations  # the same, for modules with `from __future__ import annotations`
 
 
 def failed_nodes(summary: RunSummary) -> list[tuple[str, str]]:

@@ -28,6 +28,7 @@ from typing import Literal, TextIO
 from typing_extensions import override
 
 from runner.events import Event, EventKind
+from runner.github import ANNOTATION_LIMIT, annotation
 from runner.progress.model import NodeView, Phase, ViewState
 from runner.progress.output import Output
 from runner.progress.render import (
@@ -42,16 +43,6 @@ from runner.progress.text import BOLD, DIM, RED, sgr
 
 Provider = Literal["github", "gitlab"]
 
-GITHUB_ANNOTATION_LIMIT = 10  # error annotations GitHub keeps per step
-
-
-def github_escape_data(text: str) -> str:
-    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-
-
-def github_escape_property(text: str) -> str:
-    return github_escape_data(text).replace(":", "%3A").replace(",", "%2C")
-
 
 def github_block(
     node: NodeView, lines: Sequence[str], *, color: bool, now: float, annotate: bool = True
@@ -62,8 +53,7 @@ def github_block(
         return [f"::group::{header}", *lines, "::endgroup::"]
     out = []
     if annotate and node.phase is Phase.FAILED:
-        title = github_escape_property(node.name)
-        out.append(f"::error title={title}::{github_escape_data(node_outcome(node))}")
+        out.append(annotation("error", node.name, node_outcome(node)))
     style = (RED, BOLD) if node.phase is Phase.FAILED else (BOLD,)
     return [*out, sgr(header, *style, color=color), *lines]
 
@@ -167,7 +157,7 @@ class PlainLog(Output):
 
     def _block(self, node: NodeView, lines: list[str]) -> list[str]:
         if self.provider == "github":
-            annotate = self.annotate and self._annotations < GITHUB_ANNOTATION_LIMIT
+            annotate = self.annotate and self._annotations < ANNOTATION_LIMIT
             if annotate and node.phase is Phase.FAILED:
                 self._annotations += 1
             return github_block(node, lines, color=self.color, now=self.clock(), annotate=annotate)
