@@ -14,6 +14,7 @@ from runner.errors import NixError, failure_text
 from runner.evaluate import EvalRun, EvalSettings, NodeEval, evaluate
 from runner.events import Emitter, Sink, discard
 from runner.hive.hive import Hive
+from runner.nix import NixFlags
 from runner.results import NodeResult, Stage, StageResult, Status
 
 _SAFE = re.compile(r"[^A-Za-z0-9._+-]")
@@ -38,7 +39,11 @@ def _eval_stage(ev: NodeEval) -> StageResult:
     )
 
 
-async def build_node(ev: NodeEval, hive: Hive, settings: BuildSettings) -> NodeResult:
+async def build_node(ev: NodeEval, flags: NixFlags, settings: BuildSettings) -> NodeResult:
+    """`nix-store --realise` of an evaluated node (the eval stage and the build stage).
+
+    `waggle build`/`apply` and `waggle plan` (`gitops.plan.build_and_diff`) build with it.
+    """
     eval_stage = _eval_stage(ev)
     if not ev.ok or ev.drv_path is None:
         return NodeResult(ev.name, (eval_stage,))
@@ -48,9 +53,7 @@ async def build_node(ev: NodeEval, hive: Hive, settings: BuildSettings) -> NodeR
         root = str(gc_root_path(settings.gc_root_dir, ev.name))
     start, started_at = time.monotonic(), time.time()
     try:
-        realised = await nix.realise(
-            [ev.drv_path], hive.flags, gc_root=root, timeout=settings.timeout
-        )
+        realised = await nix.realise([ev.drv_path], flags, gc_root=root, timeout=settings.timeout)
     except NixError as e:
         stage = StageResult(
             Stage.BUILD, Status.FAILED, time.monotonic() - start, e.summary, e.detail, started_at
@@ -163,7 +166,7 @@ async def evaluate_and_build(
         else:
             async with limit:
                 emit.start(ev.name, Stage.BUILD, "building")
-                result = await build_node(ev, hive, build_settings)
+                result = await build_node(ev, hive.flags, build_settings)
             emit.end(ev.name, result.stages[-1])
         if then is not None and result.ok:
             result = await then(result)

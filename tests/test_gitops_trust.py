@@ -12,7 +12,7 @@ import pytest
 from runner.evaluate import EvalSettings
 from runner.gitops.ci import CiContext
 from runner.gitops.config import CiConfig, ConfigError
-from runner.gitops.plan import DryActivationPolicy, compute_plan, plan_json, plan_markdown
+from runner.gitops.plan import DryActivationPolicy, compute_plan
 from runner.gitops.trust import (
     PrSettings,
     decide_dry_activation,
@@ -20,6 +20,7 @@ from runner.gitops.trust import (
     dry_activation_policy,
     pr_config,
 )
+from runner.report.plan import plan_json, plan_markdown
 from tests.conftest import write_hive
 
 

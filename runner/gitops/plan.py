@@ -24,14 +24,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import pygit2
-from junit_xml import TestCase, TestSuite, to_xml_report_string  # type: ignore[import-untyped]
 
-from runner import nix, process
+from runner import nix
+from runner.build import BuildSettings, build_node
 from runner.errors import HiveError, NixError, UsageError
-from runner.evaluate import EvalSettings, evaluate
+from runner.evaluate import EvalSettings, NodeEval, evaluate
 from runner.gitops import cache
 from runner.gitops.cache import HostAccess, SideEval, SideNode
 from runner.gitops.changes import (
@@ -49,15 +49,12 @@ from runner.hive.discovery import HiveKind, HiveSource, locate
 from runner.hive.hive import Hive
 from runner.hive.selection import Selector
 from runner.nix import NixFlags
-from runner.report import clean_text, human_bytes, log_tail, one_line
-from runner.report.markdown import code, code_block, escape
-from runner.results import NodeResult, Stage, StageResult, Status
+from runner.results import NodeResult
 
 DEFAULT_IGNORE: tuple[str, ...] = ("**/*.md", "docs/**", ".github/**")
 
 Kind = Literal["changed", "added", "removed", "unchanged"]
 AFFECTED_KINDS: tuple[Kind, ...] = ("changed", "added", "removed")
-PLAN_CLASSNAME = "waggle.plan"
 
 
 # -- results ------------------------------------------------------------------------
@@ -286,21 +283,6 @@ def _tree_has(commit: pygit2.Commit, rel: str) -> bool:
     return True
 
 
-async def nix_version() -> str:
-    done = await process.run(["nix-instantiate", "--version"], timeout=30)
-    if not done.ok:
-        raise NixError("nix-instantiate --version failed", detail=done.stderr)
-    return done.stdout.strip().rsplit(" ", 1)[-1]
-
-
-def _matching(
-    selector: Selector | None, names: Sequence[str], tags: dict[str, tuple[str, ...]]
-) -> list[str]:
-    if selector is None:
-        return list(names)
-    return [n for n in names if any(r.matches(n, tags.get(n, ())) for r in selector.rules)]
-
-
 async def _host_access(
     hive: Hive, names: Sequence[str]
 ) -> dict[str, tuple[HostAccess | None, str | None]]:
@@ -330,7 +312,7 @@ async def _evaluate_side(
     tags: dict[str, tuple[str, ...]] = {}
     if selector is not None and selector.needs_tags:
         tags = {n: c.tags for n, c in (await hive.deployment(names)).items()}
-    chosen = _matching(selector, names, tags)
+    chosen = list(names) if selector is None else selector.matching(names, tags)
     if not chosen:
         return SideEval((), {})
     run = await evaluate(hive, chosen, settings)
@@ -507,7 +489,7 @@ async def _base_side(
             os.environ.get("NIX_PATH", ""),
             *(("host-access",) if host_access else ()),
         )
-        path = cache.cache_file(cache_dir, str(commit.tree.id), await nix_version(), key)
+        path = cache.cache_file(cache_dir, str(commit.tree.id), await nix.version(), key)
         hit = await asyncio.to_thread(cache.load, path)
         if hit is not None:
             notes.append(f"base evaluation read from the cache ({path.name})")
@@ -655,14 +637,9 @@ async def package_diff(base_drv: str, head_drv: str) -> PackageDiff:
     return diff_packages(base_closure, head_closure)
 
 
-async def _valid(paths: Sequence[str]) -> bool:
-    done = await process.run(["nix-store", "--check-validity", *paths], timeout=60)
-    return done.ok
-
-
 async def _closure_stats(out_path: str | None) -> tuple[int | None, int | None]:
     """(NAR size, path count) of a runtime closure when the path is valid here."""
-    if out_path is None or not await _valid([out_path]):
+    if out_path is None or not await nix.valid([out_path]):
         return None, None
     try:
         paths = await nix.closure(out_path)
@@ -688,25 +665,9 @@ class PlanBuildSettings:
 
 
 async def _build(change: NodeChange, flags: NixFlags, settings: PlanBuildSettings) -> NodeResult:
-    eval_stage = StageResult(Stage.EVAL, Status.OK, 0.0)
     assert change.head_drv is not None
-    start, started_at = time.monotonic(), time.time()
-    try:
-        await nix.realise([change.head_drv], flags, timeout=settings.timeout)
-    except NixError as e:
-        failed = StageResult(
-            Stage.BUILD,
-            Status.FAILED,
-            time.monotonic() - start,
-            e.summary,
-            e.detail,
-            started_at,
-        )
-        return NodeResult(change.name, (eval_stage, failed), change.head_drv)
-    ok = StageResult(
-        Stage.BUILD, Status.OK, time.monotonic() - start, change.head_out or "", "", started_at
-    )
-    return NodeResult(change.name, (eval_stage, ok), change.head_drv, change.head_out)
+    evaluated = NodeEval(change.name, change.head_drv, change.head_out, None, "", 0.0)
+    return await build_node(evaluated, flags, BuildSettings(timeout=settings.timeout))
 
 
 async def build_and_diff(
@@ -729,7 +690,7 @@ async def build_and_diff(
         packages = None
         closure = None
         if settings.diff and change.base_drv is not None:
-            if await _valid([change.base_drv]):
+            if await nix.valid([change.base_drv]):
                 try:
                     packages = await package_diff(change.base_drv, change.head_drv)
                 except NixError as e:
@@ -745,225 +706,3 @@ async def build_and_diff(
 
     nodes = await asyncio.gather(*(one(n) for n in plan.nodes))
     return replace(plan, nodes=tuple(nodes))
-
-
-# -- reports ----------------------------------------------------------------------------------
-
-
-def _short(commit: str | None) -> str:
-    return commit[:12] if commit else "unknown"
-
-
-def _signed_bytes(n: int) -> str:
-    return ("+" if n >= 0 else "-") + human_bytes(abs(n))
-
-
-def _closure_text(c: ClosureDelta) -> str:
-    if c.head_size is None:
-        return "closure size unknown"
-    head = f"{human_bytes(c.head_size)} in {c.head_paths} paths"
-    if c.size_delta is None:
-        return f"closure {head}; base size unknown (the base system is not built here)"
-    return (
-        f"closure {head} ({_signed_bytes(c.size_delta)}, {c.paths_delta:+d} paths against the base)"
-    )
-
-
-def plan_markdown(plan: Plan) -> str:
-    """The plan as GitHub/GitLab-flavoured markdown (step summary, MR comment)."""
-    head = f"`{_short(plan.head)}`"
-    base = f"`{_short(plan.base)}`" if plan.base else "an unknown base"
-    affected = plan.affected
-    lines = [f"## waggle plan: {base} → {head}", ""]
-    if plan.skipped_reason:
-        lines += [f"No node changes: {escape(plan.skipped_reason)}.", ""]
-    else:
-        counts = {
-            k: sum(1 for n in plan.nodes if n.kind == k) for k in (*AFFECTED_KINDS, "unchanged")
-        }
-        summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
-        lines += [
-            f"**{len(affected)} of {len(plan.nodes)} nodes affected** ({summary or 'no nodes'}).",
-            "",
-        ]
-    if plan.all_affected_reason:
-        lines += [f"> **Note:** {escape(plan.all_affected_reason)}.", ""]
-    if plan.failed:
-        lines += [
-            f"**{len(plan.failed)} node(s) failed:** "
-            + ", ".join(code(n.name) for n in plan.failed),
-            "",
-        ]
-    if plan.nodes:
-        lines += ["| node | change | why | build |", "|---|---|---|---|"]
-        for n in sorted(plan.nodes, key=lambda n: (not n.affected, n.name)):
-            if n.build is None:
-                built = "failed to evaluate" if n.error else ("not built" if n.affected else "")
-            elif n.build.ok:
-                built = "ok"
-            else:
-                built = "failed: " + escape(
-                    (n.build.failure.message if n.build.failure else ""), 200
-                )
-            lines.append(f"| {escape(n.name)} | {n.kind} | {escape(n.reason, 300)} | {built} |")
-        lines.append("")
-    if plan.dry_activation is not None:
-        policy = plan.dry_activation
-        lines += ["### Dry activation", "", f"{escape(policy.reason, 500)}.", ""]
-        decided = [n for n in plan.nodes if n.dry_activate is not None]
-        for n in sorted(decided, key=lambda n: (not n.dry_activate_planned, n.name)):
-            assert n.dry_activate is not None
-            lines.append(f"- {code(n.name)}: {escape(n.dry_activate.reason, 500)}")
-        if decided:
-            lines.append("")
-    for n in affected:
-        if not (n.packages or n.closure or n.notes or n.error):
-            continue
-        lines += [f"### {escape(n.name)}", ""]
-        if n.error:
-            lines += [code_block(clean_text(n.detail or n.error).strip()[-3000:]), ""]
-        if n.packages is not None:
-            if n.packages.entries:
-                lines += [f"- {code(p.describe())}" for p in n.packages.entries]
-            else:
-                lines.append("- no package version changes")
-            lines.append(
-                f"- derivations: {n.packages.drvs_only_head} new, {n.packages.drvs_only_base} gone"
-            )
-        if n.closure is not None:
-            lines.append(f"- {_closure_text(n.closure)}")
-        lines += [f"- {escape(note)}" for note in n.notes]
-        lines.append("")
-    if plan.changed_paths:
-        shown = plan.changed_paths[:50]
-        ignored = set(plan.ignored_paths)
-        lines += [
-            f"<details><summary>{len(plan.changed_paths)} changed paths</summary>",
-            "",
-        ]
-        lines += [f"- {code(c.describe())}" + (" (ignored)" if c in ignored else "") for c in shown]
-        if len(plan.changed_paths) > len(shown):
-            lines.append(f"- … and {len(plan.changed_paths) - len(shown)} more")
-        lines += ["", "</details>", ""]
-    if plan.notes:
-        lines += [f"_{escape(note)}_  " for note in plan.notes]
-        lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def _change_json(c: PackageChange) -> dict[str, str | None]:
-    return {"name": c.name, "old": c.old, "new": c.new}
-
-
-def plan_json(plan: Plan) -> dict[str, Any]:
-    """The plan as JSON-ready data (`--json`); affected nodes first, by name."""
-
-    def node(n: NodeChange) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "name": n.name,
-            "kind": n.kind,
-            "reason": n.reason,
-            "base_drv": n.base_drv,
-            "head_drv": n.head_drv,
-            "base_out": n.base_out,
-            "head_out": n.head_out,
-            "error": n.error,
-            "built": None if n.build is None else n.build.ok,
-            "build_error": (
-                n.build.failure.message if n.build is not None and n.build.failure else None
-            ),
-            "packages": None,
-            "closure": None,
-            "notes": list(n.notes),
-            "dry_activate": None
-            if n.dry_activate is None
-            else {"planned": n.dry_activate.planned, "reason": n.dry_activate.reason},
-        }
-        if n.packages is not None:
-            out["packages"] = {
-                "changed": [_change_json(c) for c in n.packages.changed],
-                "added": [_change_json(c) for c in n.packages.added],
-                "removed": [_change_json(c) for c in n.packages.removed],
-                "drvs_only_base": n.packages.drvs_only_base,
-                "drvs_only_head": n.packages.drvs_only_head,
-            }
-        if n.closure is not None:
-            out["closure"] = {
-                "head_size": n.closure.head_size,
-                "base_size": n.closure.base_size,
-                "size_delta": n.closure.size_delta,
-                "head_paths": n.closure.head_paths,
-                "base_paths": n.closure.base_paths,
-                "paths_delta": n.closure.paths_delta,
-            }
-        return out
-
-    return {
-        "hive": plan.hive,
-        "base_rev": plan.base_rev,
-        "head_rev": plan.head_rev,
-        "base": plan.base,
-        "head": plan.head,
-        "affected": [n.name for n in plan.affected],
-        "failed": [n.name for n in plan.failed],
-        "all_affected_reason": plan.all_affected_reason,
-        "skipped_reason": plan.skipped_reason,
-        "changed_paths": [
-            {
-                "status": c.status,
-                "old_path": c.old_path,
-                "new_path": c.new_path,
-                "ignored": c in plan.ignored_paths,
-            }
-            for c in plan.changed_paths
-        ],
-        "ignore": list(plan.ignore),
-        "nodes": [node(n) for n in sorted(plan.nodes, key=lambda n: (not n.affected, n.name))],
-        "notes": list(plan.notes),
-        "dry_activation": None
-        if plan.dry_activation is None
-        else {"enabled": plan.dry_activation.enabled, "reason": plan.dry_activation.reason},
-        "evaluations": plan.evaluations,
-        "base_cached": plan.base_cached,
-        "seconds": round(plan.seconds, 3),
-    }
-
-
-def plan_junit(plan: Plan) -> str:
-    """JUnit XML: one test case per affected node (classname `waggle.plan`).
-
-    Passed when it evaluated (and built, when built); a failure carrying Nix's message
-    when evaluation or the build failed; removed nodes are skipped ("node removed").
-    """
-    cases: list[Any] = []
-    for n in plan.affected:
-        seconds = n.build.stages[-1].seconds if n.build is not None else 0.0
-        case = TestCase(one_line(n.name, 300), classname=PLAN_CLASSNAME, elapsed_sec=seconds)
-        if n.kind == "removed":
-            case.add_skipped_info(message="node removed")
-        elif n.error is not None:
-            case.add_failure_info(
-                message=one_line(n.error, 1000),
-                output=log_tail(n.detail) or n.error,
-                failure_type="waggle.eval",
-            )
-        elif n.build is not None and n.build.failure is not None:
-            failure = n.build.failure
-            case.add_failure_info(
-                message=one_line(failure.message, 1000) or "build failed",
-                output=log_tail(failure.detail) or failure.message,
-                failure_type="waggle.build",
-            )
-        else:
-            out = [f"{n.kind}: {n.reason}"]
-            if n.packages is not None:
-                out += [p.describe() for p in n.packages.entries]
-            case.stdout = clean_text("\n".join(out))
-        cases.append(case)
-    properties = {"hive": one_line(plan.hive), "head": plan.head}
-    if plan.base:
-        properties["base"] = plan.base
-    if plan.all_affected_reason:
-        properties["note"] = one_line(plan.all_affected_reason)
-    suite = TestSuite(one_line(f"waggle plan {plan.hive}"), cases, properties=properties)
-    return str(to_xml_report_string([suite], prettyprint=True))
