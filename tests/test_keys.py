@@ -17,13 +17,14 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import asyncssh
 import psutil
 import pytest
 
-from runner.deploy.keys import KeysOutcome, KeyUploadError, read_key, upload_key, upload_keys
+from runner.deploy.keys import KeysOutcome, KeyUploadError, read_key, upload_keys
 from runner.hive.model import Key, KeySource, UploadAt
 from runner.hosts.ssh import SshHost, SshSettings, SshTarget
 from tests.fake_ssh import DEFAULT_ENV, FakeHost
@@ -57,6 +58,14 @@ def make_key(
         group=group,
         permissions=permissions,
         upload_at=upload_at,
+    )
+
+
+async def upload_one(host, key: Key, content: bytes, *, timeout: float = 30) -> KeysOutcome:
+    """`key` with `content` as its text, uploaded as `upload-keys` does (the owner required)."""
+    keyed = replace(key, source=KeySource(text=content.decode()))
+    return await upload_keys(
+        host, [keyed], phase="all", require_ownership=True, base_dir=None, timeout=timeout
     )
 
 
@@ -191,7 +200,7 @@ def test_pre_activation_defers_a_missing_owner_post_activation_requires_it(fleet
                 timeout=30,
             )
         with pytest.raises(KeyUploadError) as replaced:
-            await upload_key(h, pre, b"new\n", require_ownership=True, timeout=30)
+            await upload_one(h, pre, b"new\n", timeout=30)
         return first, failed.value, replaced.value
 
     first, failed, replaced = on_host(fleet, work)
@@ -228,7 +237,7 @@ def test_a_custom_dest_dir_is_created(fleet):
     key = make_key("db", text="hunter2", dest_dir="/run/app/secrets/db", user="u", group="g")
 
     async def work(h):
-        await upload_key(h, key, b"hunter2", require_ownership=True, timeout=30)
+        await upload_one(h, key, b"hunter2", timeout=30)
 
     on_host(fleet, work)
     assert host.path("/run/app/secrets/db/db").read_bytes() == b"hunter2"
@@ -257,11 +266,11 @@ def test_replacing_a_key_is_atomic(fleet):
             seen.append("old" if data == old else "new" if data == new else f"partial {len(data)}")
 
     async def work(h):
-        await upload_key(h, key, old, require_ownership=True, timeout=60)
+        await upload_one(h, key, old, timeout=60)
         watcher = threading.Thread(target=watch)
         watcher.start()
         try:
-            await upload_key(h, key, new, require_ownership=True, timeout=60)
+            await upload_one(h, key, new, timeout=60)
             await asyncio.sleep(0.05)
         finally:
             stop.set()
@@ -281,7 +290,7 @@ def test_a_failed_install_leaves_no_temporary_file(fleet):
 
     async def work(h):
         with pytest.raises(KeyUploadError) as failed:
-            await upload_key(h, key, b"x", require_ownership=True, timeout=30)
+            await upload_one(h, key, b"x", timeout=30)
         return failed.value
 
     failed = on_host(fleet, work)
@@ -328,7 +337,7 @@ def test_poison_never_leaves_the_key_file_on_a_real_host(fleet, caplog):
     bad = make_key("poisoned-bad", text=poison, user="nobody-here")
 
     async def work(h):
-        await upload_key(h, good, poison.encode(), require_ownership=True, timeout=30)
+        await upload_one(h, good, poison.encode(), timeout=30)
         with pytest.raises(KeyUploadError) as failed:
             await upload_keys(
                 h, [bad], phase="all", require_ownership=True, base_dir=None, timeout=30
@@ -430,7 +439,7 @@ def race(fleet: Fleet, key: Key, content: bytes) -> tuple[KeyUploadError | None,
     async def work(h):
         attacker.start()
         try:
-            await upload_key(Stalling(h, hold), key, content, require_ownership=True, timeout=30)
+            await upload_one(Stalling(h, hold), key, content, timeout=30)
         except KeyUploadError as e:
             return e
         finally:
@@ -523,7 +532,7 @@ def test_an_unsafe_dest_dir_is_refused(fleet, setup, dest, why):
 
     async def work(h):
         with pytest.raises(KeyUploadError) as failed:
-            await upload_key(h, key, b"s", require_ownership=True, timeout=30)
+            await upload_one(h, key, b"s", timeout=30)
         return failed.value
 
     failed = on_host(fleet, work)
@@ -691,9 +700,7 @@ def test_a_lost_connection_still_removes_the_temporary_file(tmp_path):
             fake.drop_connections()
 
         with pytest.raises(KeyUploadError) as failed:
-            await upload_key(
-                Stalling(host, cut, delay=0), key, b"secret", require_ownership=True, timeout=30
-            )
+            await upload_one(Stalling(host, cut, delay=0), key, b"secret", timeout=30)
         return failed.value
 
     fake, failed = on_fake(tmp_path, work)

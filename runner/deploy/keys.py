@@ -1,6 +1,6 @@
 """deployment.keys upload: secrets sent to a host out of band, never through the Nix store.
 
-Per key (`upload_key`), one remote command over an exec channel (no SFTP subsystem needed;
+Per key (`upload_keys`), one remote command over an exec channel (no SFTP subsystem needed;
 as root and through the escalation prefix alike): `sh -c WRITE_KEY sh ARGS...`, with
 runner/scripts/write-key.sh as the script, every value a positional argument and the
 content on stdin. The script
@@ -122,17 +122,12 @@ async def _run_key_command(key: Key, argv: Sequence[str], timeout: float) -> byt
     return out
 
 
-async def upload_key(
-    host: Host, key: Key, content: bytes, *, require_ownership: bool, timeout: float
-) -> None:
-    """Put `content` at the key's path on `host` with its owner and mode, atomically."""
-    await _upload(host, key, content, require_ownership=require_ownership, timeout=timeout)
-
-
 async def _upload(
     host: Host, key: Key, content: bytes, *, require_ownership: bool, timeout: float
 ) -> bool:
-    """`upload_key`; True when the owner did not exist and was left for activation."""
+    """Put `content` at the key's path on `host` with its owner and mode, atomically.
+
+    True when the owner did not exist and was left for activation."""
     where = f"node {host.name}: key {key.name}"
     directory, name = posixpath.split(key.path)
     tmp = f".{name}.waggle-{secrets.token_hex(8)}"
