@@ -1,0 +1,258 @@
+"""`waggle ci`: plan on pull requests, deploy on pushes to a deploy branch, build otherwise.
+
+The CI context (`gitops.ci.detect`) and waggle.yaml (from the base commit on a pull
+request, see `gitops.trust`) decide the mode; flags win over the file. Each mode is an
+ordinary use case run with a request built here: `plan.plan` (+ a dry activation with
+the base's host settings), or `run.apply` with `--changed-since` (deploy) or the build
+goal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, MutableMapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from runner.app.plan import plan, write_plan_reports
+from runner.app.requests import (
+    ApplyRequest,
+    Changes,
+    CiRequest,
+    PlanRequest,
+    Reports,
+    parse_node_limit,
+)
+from runner.app.run import apply, log_evaluation, open_hive, progress
+from runner.deploy.pipeline import DeploySettings, Goal, deploy, goal_stages
+from runner.errors import WaggleError
+from runner.gitinfo import head_commit
+from runner.gitops import ci, comments, trust
+from runner.gitops.config import CiConfig, load_config, merge
+from runner.gitops.plan import DEFAULT_IGNORE, NodeChange, Plan
+from runner.results import NodeResult, RunSummary, Status
+
+log = logging.getLogger("waggle")
+
+
+@dataclass(frozen=True)
+class CiOutcome:
+    mode: ci.Mode
+    ok: bool
+    plan: Plan | None = None
+    runs: tuple[RunSummary, ...] = ()  # the deploy or build run; the PR's dry activation
+    annotations: tuple[str, ...] = ()  # lines for the CI log (GitHub workflow commands)
+    failed: tuple[tuple[str, str], ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class CiPrinter:
+    """Where `run_ci` says what it does while it runs (the CLI prints)."""
+
+    mode: Callable[[str], None]
+    plan: Callable[[str], None]
+    run: Callable[[RunSummary], None]
+
+
+def settings_for(
+    request: CiRequest, context: ci.CiContext
+) -> tuple[CiConfig, trust.PrSettings | None]:
+    """waggle.yaml (the base commit's on a pull request) with the flags merged in."""
+    pr_settings = (
+        trust.pr_config(request.ci_config, search_from=request.apply.hive.cwd, base=context.base)
+        if context.is_pull_request
+        else None
+    )
+    config = merge(
+        pr_settings.config
+        if pr_settings is not None
+        else load_config(request.ci_config, search_from=request.apply.hive.cwd),
+        {
+            "on": request.on,
+            "junit": request.reports.junit,
+            "report_md": request.reports.markdown,
+            "comment": request.comment,
+            "cache_dir": request.cache_dir,
+            "ignore": request.ignore,
+        },
+    )
+    return config, pr_settings
+
+
+def apply_request(request: CiRequest, config: CiConfig) -> ApplyRequest:
+    """The flags' run settings with what waggle.yaml fills in where no flag was given."""
+    base = request.apply
+    hive = base.hive
+    if config.hive and hive.config is None:
+        hive = replace(hive, config=config.hive)
+    deploy_settings = base.deploy
+    if config.parallel is not None and not request.parallel_given:
+        deploy_settings = replace(deploy_settings, parallel=config.parallel)
+    eval_settings = base.eval
+    if config.eval_node_limit is not None and eval_settings.node_limit is None:
+        eval_settings = replace(eval_settings, node_limit=parse_node_limit(config.eval_node_limit))
+    return replace(
+        base,
+        hive=hive,
+        on=config.on,
+        eval=eval_settings,
+        deploy=deploy_settings,
+        reports=Reports(junit=config.junit, markdown=config.report_md, json=request.reports.json),
+        command="ci",
+    )
+
+
+async def run_ci(
+    request: CiRequest, printer: CiPrinter, environ: MutableMapping[str, str] | None = None
+) -> CiOutcome:
+    """Run the CI step; `environ` (default os.environ) holds the CI's variables, and the
+    known credentials are removed from it before a pull request's code is evaluated."""
+    env = os.environ if environ is None else environ
+    context = ci.detect(env)
+    config, pr_settings = settings_for(request, context)
+    chosen = ci.mode(context, config)
+    printer.mode(f"waggle ci: {ci.mode_reason(context, config)}")
+    run_request = apply_request(request, config)
+    if chosen == "plan":
+        outcome = await _plan(run_request, config, context, pr_settings, printer, env)
+    else:
+        outcome = await _deploy_or_build(run_request, config, context, chosen, printer)
+    annotations = tuple(ci.annotations(list(outcome.failed), context.provider))
+    ci.write_outputs(context, _outputs(outcome), env, dotenv=config.outputs_dotenv)
+    return replace(outcome, annotations=annotations)
+
+
+def _outputs(outcome: CiOutcome) -> dict[str, str]:
+    failed = [n for n, _ in outcome.failed]
+    if outcome.plan is not None:
+        affected = [n.name for n in outcome.plan.affected if n.kind != "removed"]
+        return ci.node_outputs(outcome.mode, affected, [], failed)
+    summary = outcome.runs[0]
+    moved = [r.name for r in summary.nodes if r.ok and not _untouched(r)]
+    return ci.node_outputs(outcome.mode, moved, moved if outcome.mode == "deploy" else [], failed)
+
+
+def _untouched(result: NodeResult) -> bool:
+    return any(st.status is Status.SKIPPED for st in result.stages)
+
+
+async def _deploy_or_build(
+    request: ApplyRequest,
+    config: CiConfig,
+    context: ci.CiContext,
+    chosen: ci.Mode,
+    printer: CiPrinter,
+) -> CiOutcome:
+    if chosen == "deploy":
+        changes = Changes(
+            since=context.base or "0" * 40,
+            ignore=config.ignore or DEFAULT_IGNORE,
+            cache_dir=config.cache_dir,
+            drift=config.deploy_drifted,
+        )
+        goal = Goal.SWITCH
+    else:
+        changes, goal = None, Goal.BUILD
+    summary = await apply(
+        replace(request, deploy=replace(request.deploy, goal=goal), changes=changes)
+    )
+    printer.run(summary)
+    failed = tuple(ci.failed_nodes(summary))
+    return CiOutcome(chosen, summary.ok, runs=(summary,), failed=failed)
+
+
+async def _plan(
+    request: ApplyRequest,
+    config: CiConfig,
+    context: ci.CiContext,
+    pr_settings: trust.PrSettings | None,
+    printer: CiPrinter,
+    env: MutableMapping[str, str],
+) -> CiOutcome:
+    settings = pr_settings or trust.PrSettings(config)
+    policy = trust.dry_activation_policy(context, replace(settings, config=config))
+    # The comment's token is taken now; the PR's code is evaluated without any token.
+    token = comments.token_from_env(context, env, config.token_env)
+    trust.withhold_secrets(env, config.token_env)
+    planned_run = await plan(
+        PlanRequest(
+            base=context.base,
+            hive=request.hive,
+            on=request.on,
+            ignore=config.ignore or DEFAULT_IGNORE,
+            cache_dir=config.cache_dir,
+            eval=request.eval,
+            build_jobs=request.build.jobs,
+            build_timeout=request.build.timeout,
+            host_access=policy.enabled,
+        )
+    )
+    result = trust.decide_dry_activation(planned_run, policy)
+    result = replace(result, notes=(*result.notes, *settings.notes))
+    text = write_plan_reports(result, replace(request.reports, json=None))
+    printer.plan(text)
+    if config.comment:
+        _comment(context, text, token, config)
+    failed = [(n.name, n.error or "build failed") for n in result.failed]
+    ok = result.ok
+    runs: tuple[RunSummary, ...] = ()
+    planned = [n for n in result.nodes if n.dry_activate_planned]
+    if planned:
+        # Show on the hosts what activation would change; nothing is switched.
+        dry = await dry_activate_pr(request, planned)
+        printer.run(dry)
+        failed += ci.failed_nodes(dry)
+        ok, runs = dry.ok, (dry,)
+    return CiOutcome("plan", ok, plan=result, runs=runs, failed=tuple(failed))
+
+
+def _comment(
+    context: ci.CiContext, text: str, token: comments.ForgeToken | None, config: CiConfig
+) -> None:
+    if token is None:
+        log.warning("no API token in the environment: the plan is not posted")
+        return
+    try:
+        outcome = comments.upsert_comment(
+            context,
+            text,
+            token=token.value,
+            token_header=token.header,
+            allow_fork=config.comment_forks,
+        )
+        log.warning("plan comment %s", outcome)
+    except WaggleError as e:  # the plan itself stands
+        log.warning("plan comment failed: %s", e.message)
+
+
+async def dry_activate_pr(request: ApplyRequest, planned: Sequence[NodeChange]) -> RunSummary:
+    """Dry-activate a pull request's planned nodes: the PR's systems (built from the
+    checked-out tree), each host reached only with the base's connection settings, no
+    keys, no build on a target, no remote builders from the PR's meta; nothing switched."""
+    started_at, start = time.time(), time.monotonic()
+    hive = await open_hive(request.hive)
+    names = [n.name for n in planned]
+    configs = {n.name: trust.dry_activation_config(n) for n in planned}
+    settings: DeploySettings = replace(
+        request.deploy,
+        goal=Goal.DRY_ACTIVATE,
+        keys=False,
+        build_on_target=False,
+        reboot=False,
+        base_dir=hive.source.directory,
+    )
+    with progress(request.view, names, plain=True) as out:
+        run = await deploy(hive, configs, names, request.eval, request.build, settings, events=out)
+        if run.build is not None:
+            log_evaluation(run.build.evaluation)
+    return RunSummary(
+        command="ci dry-activate",
+        goal=str(Goal.DRY_ACTIVATE),
+        hive=hive.source.describe(),
+        commit=head_commit(hive.source.directory),
+        started_at=started_at,
+        seconds=time.monotonic() - start,
+        stages=goal_stages(Goal.DRY_ACTIVATE, keys=False),
+        nodes=tuple(run.nodes),
+    )
