@@ -18,17 +18,9 @@ from typing_extensions import override
 
 from runner.errors import UsageError
 from runner.gitops.changes import GitError
-from runner.gitops.watch import (
-    TOKEN_ENV,
-    USERNAME_ENV,
-    WatchCallbacks,
-    WatchResult,
-    WatchSettings,
-    escape_label,
-    url_kind,
-    watch,
-)
+from runner.gitops.watch import WatchResult, WatchSettings, watch
 from runner.results import NodeResult, RunSummary, Stage, StageResult, Status
+from tests.test_gitops_metrics import parse_metrics
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -492,46 +484,6 @@ def test_a_hanging_fetch_is_bounded_and_the_watcher_goes_on(remote, tmp_path):
 
 # -- metrics and reports ---------------------------------------------------------------------
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(?:,|$)')
-
-Key = tuple[str, tuple[tuple[str, str], ...]]
-
-
-def parse_metrics(text: str) -> dict[Key, float]:
-    """Prometheus text format: HELP/TYPE comments, then `name{labels} value` lines."""
-    assert text.endswith("\n")
-    out: dict[Key, float] = {}
-    typed: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith("#"):
-            parts = line.split(" ", 3)
-            assert parts[1] in ("HELP", "TYPE") and len(parts) == 4, line
-            if parts[1] == "TYPE":
-                assert parts[3] in ("gauge", "counter"), line
-                typed.add(parts[2])
-            continue
-        m = _SAMPLE.match(line)
-        assert m, f"not a sample line: {line!r}"
-        name, labels, value = m.groups()
-        assert name in typed, f"{name} has no TYPE line"
-        pairs: list[tuple[str, str]] = []
-        if labels:
-            pos = 0
-            while pos < len(labels):
-                lm = _LABEL.match(labels, pos)
-                assert lm, f"bad labels in {line!r}"
-                raw = lm.group(2)
-                unescaped = re.sub(
-                    r"\\(.)", lambda e: "\n" if e.group(1) == "n" else e.group(1), raw
-                )
-                pairs.append((lm.group(1), unescaped))
-                pos = lm.end()
-        key = (name, tuple(pairs))
-        assert key not in out, f"duplicate sample {key}"
-        out[key] = float(value)
-    return out
-
 
 def test_metrics_file_and_reports_per_commit(remote, tmp_path):
     weird = 'odd "node"\\x\ny'
@@ -603,48 +555,6 @@ def test_metrics_before_any_deploy_have_counters_only(remote, tmp_path):
 
 
 # -- small pieces ------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("url", "kind"),
-    [
-        ("ssh://git@example.org/fleet.git", "ssh"),
-        ("git@github.com:org/fleet.git", "ssh"),
-        ("example.org:fleet.git", "ssh"),
-        ("https://github.com/org/fleet.git", "http"),
-        ("http://127.0.0.1:8080/fleet.git", "http"),
-        ("/srv/git/fleet.git", "none"),
-        ("../fleet.git", "none"),
-        ("file:///srv/git/fleet.git", "none"),
-        ("git://127.0.0.1/fleet.git", "none"),
-    ],
-)
-def test_url_kind(url, kind):
-    assert url_kind(url) == kind
-
-
-def test_label_escaping():
-    assert escape_label('a\\b"c\nd') == 'a\\\\b\\"c\\nd'
-
-
-def test_credentials_by_url_kind():
-    from pygit2.enums import CredentialType
-
-    token = WatchCallbacks("http", {TOKEN_ENV: "s3cret", USERNAME_ENV: "bot"})
-    cred = token.credentials("https://x/y.git", None, CredentialType.USERPASS_PLAINTEXT)
-    assert isinstance(cred, pygit2.UserPass)
-    assert cred.credential_tuple == ("bot", "s3cret")
-    default_user = WatchCallbacks("http", {TOKEN_ENV: "t"})
-    cred = default_user.credentials("https://x/y.git", None, CredentialType.USERPASS_PLAINTEXT)
-    assert isinstance(cred, pygit2.UserPass) and cred.credential_tuple[0] == "x-access-token"
-    ssh = WatchCallbacks("ssh", {})
-    cred = ssh.credentials("ssh://deploy@x/y.git", "deploy", CredentialType.SSH_KEY)
-    assert isinstance(cred, pygit2.KeypairFromAgent)
-    with pytest.raises(GitError, match=TOKEN_ENV):
-        WatchCallbacks("http", {}).credentials("https://x", None, CredentialType.USERPASS_PLAINTEXT)
-    with pytest.raises(GitError, match="authentication failed"):
-        for _ in range(5):
-            ssh.credentials("ssh://x/y.git", None, CredentialType.SSH_KEY)
 
 
 def test_settings_are_checked(tmp_path):
