@@ -164,6 +164,7 @@ class _Pipeline:
 
     async def keys_stage(self, stage: Stage, phase: keys.Phase, require: bool) -> None:
         """Upload the phase's keys; with none, record the stage without any output."""
+        self.current = stage
         if not any(k.upload_at.value == phase for k in self.config.keys):
             self.stages.append(
                 StageResult(stage, Status.OK, 0.0, f"no {phase} keys", started_at=time.time())
@@ -172,6 +173,98 @@ class _Pipeline:
         await self.stage(
             stage, lambda: _keys(self.host, self.config, self.settings, phase, require)
         )
+
+    async def run(self, built: NodeResult) -> None:
+        """The stages of the goal, in order; a failing stage raises _StageFailedError."""
+        goal = self.settings.goal
+        if goal is Goal.UPLOAD_KEYS:
+            await self.stage(
+                Stage.KEYS, lambda: _keys(self.host, self.config, self.settings, "all", True)
+            )
+            return
+        if _builds_on_target(self.settings, self.config):
+            assert built.drv_path is not None
+            drv = built.drv_path
+            await self.stage(Stage.BUILD, lambda: self.build_on_host(drv))
+        else:
+            assert built.out_path is not None
+            toplevel = built.out_path
+            await self.stage(Stage.PUSH, lambda: self.push(toplevel))
+        if goal in (Goal.BUILD, Goal.PUSH):
+            return
+        assert built.out_path is not None
+        if self.settings.keys:
+            await self.keys_stage(Stage.KEYS, "pre-activation", False)
+        await self.activate(built.out_path)
+        if self.settings.keys:
+            await self.keys_stage(Stage.POST_KEYS, "post-activation", True)
+
+    async def build_on_host(self, drv: str) -> tuple[str, Facts]:
+        """buildOnTarget: push the derivation's closure, realise it on the host."""
+        host, timeout = self.host, self.settings.push_timeout
+        pushed = await push_closure(host, drv, substitute=True, timeout=timeout)
+        done = await host.run(["nix-store", "--no-gc-warning", "--realise", drv], timeout=timeout)
+        if not done.ok:
+            raise StepError(f"build on {host.name} failed: {done.describe()}", detail=done.stderr)
+        # The facts of the .drv closure's push (its size is not the system's).
+        return f"built on target ({pushed.describe()})", pushed.facts(closure=False)
+
+    async def push(self, toplevel: str) -> tuple[str, Facts]:
+        result = await push_closure(
+            self.host,
+            toplevel,
+            substitute=self.settings.substitute,
+            timeout=self.settings.push_timeout,
+        )
+        return result.describe(), result.facts()
+
+    async def activate(self, toplevel: str) -> None:
+        """Activate unless the host already runs `toplevel`; reboot if asked."""
+        settings, goal = self.settings, self.settings.goal
+        self.current = Stage.ACTIVATE
+        current = await activation.current_system(self.host)
+        if (
+            not self.config.replace_unknown_profiles
+            and not settings.force_replace_unknown_profiles
+            and current.profile is not None
+            and not os.path.exists(current.profile)
+        ):
+            message = (
+                f"unknown active profile {current.profile} (replaceUnknownProfiles is false; "
+                "--force-replace-unknown-profiles overrides)"
+            )
+            self.fail(Stage.ACTIVATE, message)
+            raise _StageFailedError(self.stages[-1])
+        if _unchanged(goal, toplevel, current) and not settings.force and not settings.reboot:
+            await self.stage(Stage.ACTIVATE, _nothing, skipped="unchanged")
+            return
+        await self.stage(Stage.ACTIVATE, lambda: self.switch(toplevel))
+        if settings.reboot:
+            await self.stage(Stage.CONFIRM, lambda: self.reboot(toplevel))
+
+    async def switch(self, toplevel: str) -> str:
+        goal = self.settings.goal
+        result = await activation.activate(
+            self.host,
+            toplevel,
+            str(goal),
+            set_profile=goal.sets_profile,
+            timeout=self.settings.activation_timeout,
+            on_line=lambda line: self.emit.log(self.config.name, line, Stage.ACTIVATE),
+        )
+        if not result.ok:
+            raise StepError(result.message, detail=result.log_tail)
+        return result.message
+
+    async def reboot(self, toplevel: str) -> str:
+        result = await activation.reboot_and_wait(
+            self.host,
+            timeout=self.settings.reboot_timeout,
+            expect_toplevel=toplevel if self.settings.goal.sets_profile else None,
+        )
+        if not result.ok:
+            raise StepError(result.message)
+        return result.message
 
 
 class StepError(WaggleError):
@@ -186,108 +279,13 @@ async def _deploy_node(
     permits: asyncio.Semaphore,
     emit: Emitter,
 ) -> NodeResult:
-    goal = settings.goal
+    """Run one node's pipeline under a --parallel permit. Total: whatever goes wrong
+    (inside a stage or between stages) is a failed stage of this node, never an exception."""
     p = _Pipeline(config, settings, host, emit)
-    p.current = Stage.KEYS if goal is Goal.UPLOAD_KEYS else Stage.PUSH
-    toplevel = built.out_path
-    build_on_target = (
-        settings.build_on_target if settings.build_on_target is not None else config.build_on_target
-    )
+    p.current = Stage.KEYS if settings.goal is Goal.UPLOAD_KEYS else Stage.PUSH
     try:
         async with permits:
-            if build_on_target and goal is not Goal.UPLOAD_KEYS:
-                assert built.drv_path is not None
-
-                async def build_remote() -> tuple[str, Facts]:
-                    pushed = await push_closure(
-                        host, built.drv_path or "", substitute=True, timeout=settings.push_timeout
-                    )
-                    done = await host.run(
-                        ["nix-store", "--no-gc-warning", "--realise", built.drv_path or ""],
-                        timeout=settings.push_timeout,
-                    )
-                    if not done.ok:
-                        raise StepError(
-                            f"build on {host.name} failed: {done.describe()}", detail=done.stderr
-                        )
-                    # The facts of the .drv closure's push (its size is not the system's).
-                    return f"built on target ({pushed.describe()})", pushed.facts(closure=False)
-
-                await p.stage(Stage.BUILD, build_remote)
-            elif goal is not Goal.UPLOAD_KEYS:
-
-                async def push() -> tuple[str, Facts]:
-                    assert toplevel is not None
-                    result = await push_closure(
-                        host,
-                        toplevel,
-                        substitute=settings.substitute,
-                        timeout=settings.push_timeout,
-                    )
-                    return result.describe(), result.facts()
-
-                await p.stage(Stage.PUSH, push)
-            if goal in (Goal.BUILD, Goal.PUSH):
-                return _result(built, p.stages)
-
-            if goal is Goal.UPLOAD_KEYS:
-                await p.stage(Stage.KEYS, lambda: _keys(host, config, settings, "all", True))
-                return _result(built, p.stages)
-
-            assert toplevel is not None
-            if settings.keys:
-                p.current = Stage.KEYS
-                await p.keys_stage(Stage.KEYS, "pre-activation", False)
-            p.current = Stage.ACTIVATE
-            current = await activation.current_system(host)
-            if (
-                not config.replace_unknown_profiles
-                and not settings.force_replace_unknown_profiles
-                and current.profile is not None
-                and not os.path.exists(current.profile)
-            ):
-                p.fail(
-                    Stage.ACTIVATE,
-                    f"unknown active profile {current.profile} (replaceUnknownProfiles is false; "
-                    "--force-replace-unknown-profiles overrides)",
-                )
-                return _result(built, p.stages)
-            unchanged = _unchanged(goal, toplevel, current)
-            if unchanged and not settings.force and not settings.reboot:
-                await p.stage(Stage.ACTIVATE, _nothing, skipped="unchanged")
-            else:
-
-                async def activate() -> str:
-                    assert toplevel is not None
-                    result = await activation.activate(
-                        host,
-                        toplevel,
-                        str(goal),
-                        set_profile=goal.sets_profile,
-                        timeout=settings.activation_timeout,
-                        on_line=lambda line: emit.log(config.name, line, Stage.ACTIVATE),
-                    )
-                    if not result.ok:
-                        raise StepError(result.message, detail=result.log_tail)
-                    return result.message
-
-                await p.stage(Stage.ACTIVATE, activate)
-                if settings.reboot:
-
-                    async def reboot() -> str:
-                        result = await activation.reboot_and_wait(
-                            host,
-                            timeout=settings.reboot_timeout,
-                            expect_toplevel=toplevel if goal.sets_profile else None,
-                        )
-                        if not result.ok:
-                            raise StepError(result.message)
-                        return result.message
-
-                    await p.stage(Stage.CONFIRM, reboot)
-            if settings.keys:
-                p.current = Stage.POST_KEYS
-                await p.keys_stage(Stage.POST_KEYS, "post-activation", True)
+            await p.run(built)
     except _StageFailedError:
         pass
     except Exception as e:  # noqa: BLE001 - between stages: still this node's failure
@@ -342,6 +340,30 @@ class DeployRun:
     build: BuildRun | None
 
 
+def _builds_on_target(settings: DeploySettings, config: NodeConfig) -> bool:
+    if settings.goal is Goal.UPLOAD_KEYS:
+        return False
+    chosen = settings.build_on_target
+    return chosen if chosen is not None else config.build_on_target
+
+
+def _no_target_host(
+    names: Sequence[str], configs: Mapping[str, NodeConfig], needs_host: set[str], emit: Emitter
+) -> list[NodeResult]:
+    """Results of the nodes that need a host but have no targetHost: skipped."""
+    skipped = []
+    for n in names:
+        if n in needs_host and configs[n].target_host is None:
+            stage = StageResult(
+                Stage.PUSH, Status.SKIPPED, 0.0, "no targetHost", started_at=time.time()
+            )
+            skipped.append(NodeResult(n, (stage,)))
+            emit.queued(n)
+            emit.end(n, stage)
+            emit.done(skipped[-1])
+    return skipped
+
+
 async def deploy(
     hive: Hive,
     configs: Mapping[str, NodeConfig],
@@ -362,56 +384,42 @@ async def deploy(
     """
     emit = Emitter(events or discard)
     make_host = host_factory or (lambda c: ssh_host_for(c, settings.ssh))
-    limit = settings.parallel if settings.parallel > 0 else max(1, len(names))
-    permits = asyncio.Semaphore(limit)
+    permits = asyncio.Semaphore(settings.parallel if settings.parallel > 0 else max(1, len(names)))
     goal = settings.goal
-
-    def builds_on_target(n: str) -> bool:
-        if goal is Goal.UPLOAD_KEYS:
-            return False
-        if settings.build_on_target is not None:
-            return settings.build_on_target
-        return configs[n].build_on_target
-
-    on_target = {n for n in names if builds_on_target(n)}
+    on_target = {n for n in names if _builds_on_target(settings, configs[n])}
     needs_host = {n for n in names if goal.needs_host or n in on_target}
-    skipped: list[NodeResult] = []
-    if require_target_host:
-        for n in names:
-            if n in needs_host and configs[n].target_host is None:
-                stage = StageResult(
-                    Stage.PUSH, Status.SKIPPED, 0.0, "no targetHost", started_at=time.time()
-                )
-                skipped.append(NodeResult(n, (stage,)))
-                emit.queued(n)
-                emit.end(n, stage)
-                emit.done(skipped[-1])
+    skipped = _no_target_host(names, configs, needs_host, emit) if require_target_host else []
     left_out = {r.name for r in skipped}
     reachable = [n for n in names if n not in left_out]
-    hosts: dict[str, Host] = {n: make_host(configs[n]) for n in reachable if n in needs_host}
+    opened: dict[str, Host] = {}
 
     async def then(built: NodeResult) -> NodeResult:
-        host = hosts.get(built.name)
-        if host is None:
+        if built.name not in needs_host:
             return built
+        config = configs[built.name]
         try:
-            return await _deploy_node(built, configs[built.name], settings, host, permits, emit)
+            host = opened[built.name] = make_host(config)
+        except Exception as e:  # noqa: BLE001 - e.g. a target that cannot be described
+            message, detail = failure_text(e)
+            failed = StageResult(Stage.PUSH, Status.FAILED, 0.0, message, detail, time.time())
+            emit.end(built.name, failed)
+            return _result(built, (failed,))
+        try:
+            return await _deploy_node(built, config, settings, host, permits, emit)
         finally:
             # Done with this host: its connection (and temp ssh config) goes now, not at
             # the end of the run, so a large fleet never holds a socket per finished node.
             await _close(host)
 
+    async def keys_only(name: str) -> NodeResult:
+        emit.queued(name)
+        result = await then(NodeResult(name, ()))
+        emit.done(result)
+        return result
+
     try:
         if goal is Goal.UPLOAD_KEYS:
-
-            async def keys_only(name: str) -> NodeResult:
-                emit.queued(name)
-                result = await then(NodeResult(name, ()))
-                emit.done(result)
-                return result
-
-            results = await asyncio.gather(*(keys_only(n) for n in reachable))
-            run = None
+            results, run = await asyncio.gather(*(keys_only(n) for n in reachable)), None
         else:
             run = await evaluate_and_build(
                 hive,
@@ -424,7 +432,7 @@ async def deploy(
             )
             results = list(run.nodes)
     finally:
-        for host in hosts.values():
+        for host in opened.values():
             await _close(host)
     by_name = {r.name: r for r in [*results, *skipped]}
     return DeployRun(tuple(by_name[n] for n in names), run)
