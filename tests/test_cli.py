@@ -270,3 +270,14 @@ def test_no_parser_allows_abbreviations():
     parsers = [parser, *(p for s in subparsers for p in s.choices.values())]
     assert len(parsers) > 10
     assert all(p.allow_abbrev is False for p in parsers)
+
+
+def test_a_report_to_stdout_replaces_the_node_lines(tmp_path):
+    write_hive(tmp_path, SIMPLE)
+    done = waggle("build", "--on", "alpha", "--report-json", "-", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)  # stdout is the report alone
+    assert data["schema"].startswith("waggle.report/")
+    assert [n["name"] for n in data["nodes"]] == ["alpha"]
+    done = waggle("build", "--on", "alpha", "--junit", "-", "--report-md", "-", cwd=tmp_path)
+    assert_clean_error(done, 2, "only one report can go to stdout")
