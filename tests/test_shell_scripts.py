@@ -18,22 +18,53 @@ SCRIPTS = sorted((ROOT / "runner").rglob("*.sh"))
 
 def test_there_are_scripts_to_check():
     names = {p.name for p in SCRIPTS}
-    assert {"write-key.sh", "write-file.sh", "chown-key.sh"} <= names, names
+    activation = {
+        f"activation-{part}.sh" for part in ("setup", "runner", "detach", "running", "follow")
+    }
+    expected = {"write-key.sh", "write-file.sh", "chown-key.sh", "current-system.sh"}
+    assert expected | activation | {"activation-stop.sh"} <= names, names
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
-def test_shellcheck_clean(script: Path):
+def shellcheck(*args: str, text: str | None = None) -> subprocess.CompletedProcess[str]:
     if shutil.which("shellcheck") is None:
         if os.environ.get("CI") == "true":
             pytest.fail("shellcheck is not installed; scripts/setup.sh installs it")
         pytest.skip("shellcheck is not installed")
-    done = subprocess.run(
-        ["shellcheck", "--shell=sh", "--severity=style", str(script)],
+    return subprocess.run(
+        ["shellcheck", "--shell=sh", "--severity=style", *args],
+        input=text,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shellcheck_clean(script: Path):
+    done = shellcheck(str(script))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+ACTIVATION_SCRIPTS = (
+    "SETUP_SCRIPT",
+    "RUNNER_SCRIPT",
+    "DETACH_SCRIPT",
+    "FOLLOW_SCRIPT",
+    "STOP_SCRIPT",
+    "CURRENT_SCRIPT",
+)
+
+
+@pytest.mark.parametrize("name", ACTIVATION_SCRIPTS)
+def test_the_activation_scripts_as_sent_are_shellcheck_clean(name: str):
+    # What is sent is the file without comments, the follow and stop scripts after the
+    # `running` fragment: check that text too, not only the files.
+    from runner.deploy import activation
+
+    text = getattr(activation, name)
+    assert text.strip()
+    done = shellcheck("-", text=text)
     assert done.returncode == 0, done.stdout + done.stderr
 
 

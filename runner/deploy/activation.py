@@ -14,8 +14,9 @@ activation kills or hangs it (#343, #290, #262), and it waits for a rebooted hos
 - bounds everything: the whole activation by `timeout` (a timed-out activation is killed
   on the host), reconnecting by `reconnect_timeout`, a reboot wait by its `timeout`.
 
-Every remote command is an argv quoted per argument; the shell scripts here are constants
-that take their values as positional parameters.
+Every remote command is an argv quoted per argument; the shell scripts are package data
+(runner/scripts/activation-*.sh, checked by shellcheck) that take their values as
+positional parameters.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Literal, Protocol, runtime_checkable
 from runner.errors import WaggleError
 from runner.goals import ACTIVATION_GOALS
 from runner.hosts import Host, RemoteResult
+from runner.scripts import script
 
 Method = Literal["systemd-run", "detached"]
 MethodChoice = Literal["auto", "systemd-run", "detached"]
@@ -85,120 +87,15 @@ class Reconnectable(Protocol):
     async def reconnect(self) -> None: ...
 
 
-# -- scripts run on the host (values only as positional parameters) --------------------
+# -- scripts run on the host (runner/scripts/activation-*.sh; values only as positional
+# parameters, see each file for its arguments) ----------------------------------------
 
-# sh -c SETUP sh DIR METHOD < RUNNER: make the run directory, report method and PATH.
-SETUP_SCRIPT = """\
-set -e
-dir=$1 method=$2
-umask 077
-mkdir -p -- "$dir"
-cat > "$dir/run.sh"
-: > "$dir/log"
-if [ "$method" = auto ]; then
-  if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null 2>&1; then
-    method=systemd-run
-  else
-    method=detached
-  fi
-fi
-printf 'method=%s\\nPATH=%s\\nLOCALE_ARCHIVE=%s\\n' "$method" "$PATH" "${LOCALE_ARCHIVE-}"
-"""
-
-# /bin/sh DIR/run.sh DIR TOPLEVEL GOAL SET_PROFILE(1|0)
-RUNNER_SCRIPT = """\
-# Waggle activation runner (runner/activation.py): DIR TOPLEVEL GOAL SET_PROFILE
-dir=$1 toplevel=$2 goal=$3 set_profile=$4
-echo "$$" > "$dir/pid.tmp" && mv -f "$dir/pid.tmp" "$dir/pid"
-exec </dev/null >>"$dir/log" 2>&1
-status=0
-if [ "$set_profile" = 1 ]; then
-  nix-env --profile /nix/var/nix/profiles/system --set "$toplevel" || status=$?
-  if [ "$status" -ne 0 ]; then
-    echo "waggle: setting the system profile failed with exit status $status"
-  fi
-fi
-if [ "$status" -eq 0 ]; then
-  "$toplevel/bin/switch-to-configuration" "$goal" || status=$?
-fi
-echo "$status" > "$dir/status.tmp" && mv -f "$dir/status.tmp" "$dir/status"
-exit "$status"
-"""
-
-# sh -c DETACH sh LOG ARGV...: ARGV in a session of its own, stdin /dev/null, output to LOG.
-DETACH_SCRIPT = 'log=$1; shift; exec setsid -f "$@" </dev/null >>"$log" 2>&1'
-
-# A process is running when /proc/PID/stat exists and its state is not Z (zombie: PID 1
-# may be slow to reap an orphan, and `kill -0` succeeds on zombies).
-_RUNNING = """\
-running() {
-  read -r s < "/proc/$1/stat" 2>/dev/null || return 1
-  s=${s##*) }
-  [ "${s%% *}" != Z ]
-}
-"""
-
-# sh -c FOLLOW sh DIR OFFSET START_WAIT: the log from byte OFFSET as it grows, each line as
-# `<offset relative to OFFSET>:<text>`, then `status:<code>` (or `status:none` when the
-# runner died without one, `status:unstarted` when it never wrote its pid).
-FOLLOW_SCRIPT = (
-    _RUNNING
-    + """\
-dir=$1 off=$2 wait=$3
-n=0
-while [ ! -e "$dir/pid" ] && [ ! -e "$dir/status" ]; do
-  if [ "$n" -ge $((wait * 20)) ]; then echo status:unstarted; exit 0; fi
-  n=$((n + 1))
-  sleep 0.05
-done
-pid=
-read -r pid < "$dir/pid" 2>/dev/null
-last=
-# Poll quickly at first (most activations are short), then back off to 0.4 s so
-# many hosts' followers do not keep the host busy.
-delay=0.05
-while :; do
-  [ -e "$dir/status" ] && last=1
-  size=$(wc -c < "$dir/log" 2>/dev/null) || { size=$off; last=1; }
-  if [ "$size" -gt "$off" ]; then
-    tail -c "+$((off + 1))" "$dir/log" | head -c "$((size - off))"
-    off=$size
-  fi
-  [ -n "$last" ] && break
-  if ! running "$pid"; then last=1; continue; fi
-  sleep "$delay"
-  case $delay in 0.05) delay=0.1 ;; 0.1) delay=0.2 ;; *) delay=0.4 ;; esac
-done | LC_ALL=C grep -a -b --line-buffered ''
-if [ -e "$dir/status" ]; then echo "status:$(cat "$dir/status")"; else echo status:none; fi
-"""
-)
-
-# sh -c STOP sh DIR UNIT: TERM the activation (unit and process group), KILL after 2 s,
-# remove the run directory. UNIT is empty for a detached activation.
-STOP_SCRIPT = (
-    _RUNNING
-    + """\
-dir=$1 unit=$2
-pid=
-read -r pid < "$dir/pid" 2>/dev/null
-case $pid in ''|*[!0-9]*|0|1) pid= ;; esac
-signal() {
-  [ -z "$unit" ] || systemctl kill --signal="$1" "$unit" >/dev/null 2>&1
-  [ -z "$pid" ] || kill "-$1" "-$pid" 2>/dev/null
-}
-signal TERM
-n=0
-while [ -n "$pid" ] && [ "$n" -lt 20 ] && running "$pid"; do
-  n=$((n + 1))
-  sleep 0.1
-done
-signal KILL
-rm -rf -- "$dir"
-"""
-)
-
-# sh -c CURRENT sh PATH...: each path resolved (readlink -e), an empty line when it is not.
-CURRENT_SCRIPT = 'for p in "$@"; do readlink -e -- "$p" || echo; done'
+SETUP_SCRIPT = script("activation-setup.sh")  # sh -c SETUP sh DIR METHOD < RUNNER
+RUNNER_SCRIPT = script("activation-runner.sh", comments=True)  # DIR/run.sh on the host
+DETACH_SCRIPT = script("activation-detach.sh")  # sh -c DETACH sh LOG ARGV...
+FOLLOW_SCRIPT = script("activation-running.sh") + script("activation-follow.sh")
+STOP_SCRIPT = script("activation-running.sh") + script("activation-stop.sh")
+CURRENT_SCRIPT = script("current-system.sh")  # sh -c CURRENT sh PATH...
 
 
 def _new_run_id() -> str:
@@ -377,132 +274,201 @@ async def activate(
         raise ValueError(f"not an activation goal: {goal!r} (one of {', '.join(ACTIVATION_GOALS)})")
     if not toplevel.startswith("/"):
         raise ValueError(f"not a store path: {toplevel!r}")
-    began = time.monotonic()
-    deadline = began + timeout
-    run_id = _new_run_id()
-    directory = run_directory(run_id, state_dir)
-    follower = _Follower(on_line)
-    reconnects = 0
-    chosen: Method = "systemd-run" if method == "systemd-run" else "detached"
+    run = _Activation(
+        host,
+        toplevel,
+        goal,
+        set_profile=set_profile,
+        timeout=timeout,
+        reconnect_timeout=reconnect_timeout,
+        method=method,
+        state_dir=state_dir,
+        on_line=on_line,
+    )
+    return await run.run()
+
+
+class _Activation:
+    """One activation's steps: prepare, start, follow, read the status (see `activate`).
+
+    A step that ends the activation returns its result; None means go on.
+    """
+
+    def __init__(
+        self,
+        host: Host,
+        toplevel: str,
+        goal: str,
+        *,
+        set_profile: bool,
+        timeout: float,
+        reconnect_timeout: float,
+        method: MethodChoice,
+        state_dir: str,
+        on_line: Callable[[str], None] | None,
+    ) -> None:
+        self.host = host
+        self.toplevel = toplevel
+        self.goal = goal
+        self.set_profile = set_profile
+        self.timeout = timeout
+        self.reconnect_timeout = reconnect_timeout
+        self.method = method
+        self.began = time.monotonic()
+        self.deadline = self.began + timeout
+        self.run_id = _new_run_id()
+        self.directory = run_directory(self.run_id, state_dir)
+        self.follower = _Follower(on_line)
+        self.reconnects = 0
+        self.chosen: Method = "systemd-run" if method == "systemd-run" else "detached"
+        self.env: dict[str, str] = {}
+        self.unit = ""  # the transient unit, once started with systemd-run
+
+    async def run(self) -> ActivationResult:
+        ended = await self._prepare() or await self._start() or await self._follow()
+        return ended or await self._finish()
 
     def result(
-        ok: bool, message: str, status: int | None = None, *, timed_out: bool = False
+        self, ok: bool, message: str, status: int | None = None, *, timed_out: bool = False
     ) -> ActivationResult:
         return ActivationResult(
             ok=ok,
             exit_status=status,
-            log_tail="\n".join(follower.tail),
-            seconds=time.monotonic() - began,
-            reconnects=reconnects,
-            method=chosen,
+            log_tail="\n".join(self.follower.tail),
+            seconds=time.monotonic() - self.began,
+            reconnects=self.reconnects,
+            method=self.chosen,
             message=message,
             timed_out=timed_out,
         )
 
-    async def stop(unit: str) -> bool:
+    async def stop(self) -> bool:
         """Kill the activation and remove the run directory; whether that was done."""
         give_up = time.monotonic() + GRACE
-        argv = ["sh", "-c", STOP_SCRIPT, "sh", directory, unit]
-        done = await _run(host, argv, timeout=GRACE)
-        if done.lost and await _reconnect(host, give_up):
-            done = await _run(host, argv, timeout=give_up - time.monotonic())
+        argv = ["sh", "-c", STOP_SCRIPT, "sh", self.directory, self.unit]
+        done = await _run(self.host, argv, timeout=GRACE)
+        if done.lost and await _reconnect(self.host, give_up):
+            done = await _run(self.host, argv, timeout=give_up - time.monotonic())
         return done.ok
 
-    # 1. The run directory, the runner script, the method.
-    setup, n = await _run_retrying(
-        host,
-        ["sh", "-c", SETUP_SCRIPT, "sh", directory, method],
-        deadline=min(deadline, time.monotonic() + STEP_TIMEOUT),
-        reconnect_timeout=reconnect_timeout,
-        input_data=RUNNER_SCRIPT.encode(),
-    )
-    reconnects += n
-    if not setup.ok:
-        return result(False, f"Activation failed: could not prepare it: {setup.describe()}")
-    info: dict[str, str] = {}
-    for line in setup.stdout.splitlines():
-        key, _, value = line.partition("=")
-        info[key] = value
-    chosen = "systemd-run" if info.get("method") == "systemd-run" else "detached"
-    env = {k: info.get(k, "") for k in ("PATH", "LOCALE_ARCHIVE")}
+    async def _prepare(self) -> ActivationResult | None:
+        """1. The run directory, the runner script, the method."""
+        setup, n = await _run_retrying(
+            self.host,
+            ["sh", "-c", SETUP_SCRIPT, "sh", self.directory, self.method],
+            deadline=min(self.deadline, time.monotonic() + STEP_TIMEOUT),
+            reconnect_timeout=self.reconnect_timeout,
+            input_data=RUNNER_SCRIPT.encode(),
+        )
+        self.reconnects += n
+        if not setup.ok:
+            return self.result(
+                False, f"Activation failed: could not prepare it: {setup.describe()}"
+            )
+        info: dict[str, str] = {}
+        for line in setup.stdout.splitlines():
+            key, _, value = line.partition("=")
+            info[key] = value
+        self.chosen = "systemd-run" if info.get("method") == "systemd-run" else "detached"
+        self.env = {k: info.get(k, "") for k in ("PATH", "LOCALE_ARCHIVE")}
+        return None
 
-    # 2. Start the runner. A lost connection may or may not have started it: the follower
-    # finds out (it reports `unstarted` if no pid appears).
-    def launch(m: Method) -> list[str]:
-        return launch_argv(
-            m, directory, toplevel, goal, set_profile=set_profile, run_id=run_id, env=env
+    async def _launch(self, method: Method) -> RemoteResult:
+        argv = launch_argv(
+            method,
+            self.directory,
+            self.toplevel,
+            self.goal,
+            set_profile=self.set_profile,
+            run_id=self.run_id,
+            env=self.env,
+        )
+        return await _run(
+            self.host, argv, timeout=min(STEP_TIMEOUT, self.deadline - time.monotonic())
         )
 
-    started = await _run(
-        host, launch(chosen), timeout=min(STEP_TIMEOUT, deadline - time.monotonic())
-    )
-    refused = not started.ok and not started.lost and not started.timed_out
-    if refused and method == "auto" and chosen == "systemd-run":
-        chosen = "detached"  # e.g. systemd without D-Bus: a process of its own session then
-        started = await _run(
-            host, launch(chosen), timeout=min(STEP_TIMEOUT, deadline - time.monotonic())
-        )
-    unit = f"{unit_name(run_id)}.service" if chosen == "systemd-run" else ""
-    if not started.ok and not started.lost and not started.timed_out:
-        await stop(unit)
-        return result(False, f"Activation failed: could not start it: {started.describe()}")
+    async def _start(self) -> ActivationResult | None:
+        """2. Start the runner. A lost connection may or may not have started it: the
+        follower finds out (it reports `unstarted` if no pid appears)."""
+        started = await self._launch(self.chosen)
+        refused = not started.ok and not started.lost and not started.timed_out
+        if refused and self.method == "auto" and self.chosen == "systemd-run":
+            self.chosen = "detached"  # e.g. systemd without D-Bus: a process of its own session
+            started = await self._launch(self.chosen)
+        self.unit = f"{unit_name(self.run_id)}.service" if self.chosen == "systemd-run" else ""
+        if not started.ok and not started.lost and not started.timed_out:
+            await self.stop()
+            return self.result(
+                False, f"Activation failed: could not start it: {started.describe()}"
+            )
+        return None
 
-    # 3. Follow the log until the status arrives, reconnecting after drops.
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        offset = follower.begin()
-        done = await _run(
-            host,
-            ["sh", "-c", FOLLOW_SCRIPT, "sh", directory, str(offset), str(START_WAIT)],
-            timeout=left,
-            on_line=follower.line,
-        )
-        if follower.status is not None:
-            break
-        if done.timed_out:
-            break
-        if done.lost:
-            give_up = min(time.monotonic() + reconnect_timeout, deadline)
-            if await _reconnect(host, give_up):
-                reconnects += 1
-                continue
-            if time.monotonic() < deadline:
-                return result(
-                    False,
-                    f"Activation failed: lost the connection to {host.name} and could not"
-                    f" reconnect within {reconnect_timeout:g} s; it may still be running"
-                    f" on the host ({directory})",
+    async def _follow(self) -> ActivationResult | None:
+        """3. Follow the log until the status arrives (or the deadline), reconnecting after
+        drops."""
+        while True:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                return None
+            offset = self.follower.begin()
+            done = await _run(
+                self.host,
+                ["sh", "-c", FOLLOW_SCRIPT, "sh", self.directory, str(offset), str(START_WAIT)],
+                timeout=left,
+                on_line=self.follower.line,
+            )
+            if self.follower.status is not None or done.timed_out:
+                return None
+            if not done.lost:
+                return self.result(
+                    False, f"Activation failed: could not follow its output: {done.describe()}"
                 )
-            break
-        return result(False, f"Activation failed: could not follow its output: {done.describe()}")
+            give_up = min(time.monotonic() + self.reconnect_timeout, self.deadline)
+            if await _reconnect(self.host, give_up):
+                self.reconnects += 1
+                continue
+            if time.monotonic() < self.deadline:
+                return self.result(
+                    False,
+                    f"Activation failed: lost the connection to {self.host.name} and could not"
+                    f" reconnect within {self.reconnect_timeout:g} s; it may still be running"
+                    f" on the host ({self.directory})",
+                )
+            return None
 
-    status = follower.status
-    if status is None:  # the deadline passed
-        stopped = await stop(unit)
-        suffix = "" if stopped else f" (could not stop it on {host.name}: {directory})"
-        return result(False, f"activation timed out after {timeout:g} s{suffix}", timed_out=True)
-    if status == "unstarted":
-        await stop(unit)
-        return result(
-            False, f"Activation failed: the activation did not start within {START_WAIT} s"
+    async def _finish(self) -> ActivationResult:
+        """4. The runner's exit status, or why there is none; the run directory removed."""
+        status = self.follower.status
+        if status is None:  # the deadline passed
+            stopped = await self.stop()
+            suffix = (
+                "" if stopped else f" (could not stop it on {self.host.name}: {self.directory})"
+            )
+            return self.result(
+                False, f"activation timed out after {self.timeout:g} s{suffix}", timed_out=True
+            )
+        if status == "unstarted":
+            await self.stop()
+            return self.result(
+                False, f"Activation failed: the activation did not start within {START_WAIT} s"
+            )
+        await _run_retrying(
+            self.host,
+            ["rm", "-rf", "--", self.directory],
+            deadline=time.monotonic() + GRACE,
+            reconnect_timeout=GRACE,
         )
-    await _run_retrying(
-        host,
-        ["rm", "-rf", "--", directory],
-        deadline=time.monotonic() + GRACE,
-        reconnect_timeout=GRACE,
-    )
-    if status == "none":
-        return result(False, "Activation failed: the activation ended without an exit status")
-    try:
-        code = int(status)
-    except ValueError:
-        return result(False, f"Activation failed: unreadable exit status {status!r}")
-    if code == 0:
-        return result(True, "Activation successful", 0)
-    return result(False, f"Activation failed: exit status {code}", code)
+        if status == "none":
+            return self.result(
+                False, "Activation failed: the activation ended without an exit status"
+            )
+        try:
+            code = int(status)
+        except ValueError:
+            return self.result(False, f"Activation failed: unreadable exit status {status!r}")
+        if code == 0:
+            return self.result(True, "Activation successful", 0)
+        return self.result(False, f"Activation failed: exit status {code}", code)
 
 
 # -- reboot ----------------------------------------------------------------------------

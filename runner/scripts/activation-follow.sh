@@ -1,0 +1,31 @@
+# shellcheck shell=sh
+# `sh -c "$(cat activation-running.sh activation-follow.sh)" sh DIR OFFSET START_WAIT`: the
+# log from byte OFFSET as it grows, each line as `<offset relative to OFFSET>:<text>`, then
+# `status:<code>` (or `status:none` when the runner died without one, `status:unstarted` when
+# it never wrote its pid within START_WAIT seconds).
+dir=$1 off=$2 wait=$3
+n=0
+while [ ! -e "$dir/pid" ] && [ ! -e "$dir/status" ]; do
+  if [ "$n" -ge $((wait * 20)) ]; then echo status:unstarted; exit 0; fi
+  n=$((n + 1))
+  sleep 0.05
+done
+pid=
+read -r pid < "$dir/pid" 2>/dev/null
+last=
+# Poll quickly at first (most activations are short), then back off to 0.4 s so
+# many hosts' followers do not keep the host busy.
+delay=0.05
+while :; do
+  [ -e "$dir/status" ] && last=1
+  size=$(wc -c < "$dir/log" 2>/dev/null) || { size=$off; last=1; }
+  if [ "$size" -gt "$off" ]; then
+    tail -c "+$((off + 1))" "$dir/log" | head -c "$((size - off))"
+    off=$size
+  fi
+  [ -n "$last" ] && break
+  if ! running "$pid"; then last=1; continue; fi
+  sleep "$delay"
+  case $delay in 0.05) delay=0.1 ;; 0.1) delay=0.2 ;; *) delay=0.4 ;; esac
+done | LC_ALL=C grep -a -b --line-buffered ''
+if [ -e "$dir/status" ]; then echo "status:$(cat "$dir/status")"; else echo status:none; fi
