@@ -91,6 +91,66 @@ def _kill_group(proc: asyncio.subprocess.Process) -> None:
             child.kill()
 
 
+async def _spawn(
+    argv: Sequence[str],
+    *,
+    stdin: int,
+    env: Mapping[str, str] | None,
+    cwd: str | None = None,
+) -> asyncio.subprocess.Process:
+    """Start argv in a session of its own (so its whole group can be killed), stdout and
+    stderr piped; ToolMissingError naming the program when it is not there."""
+    full_env = None if env is None else {**os.environ, **env}
+    try:
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=stdin,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=full_env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    except FileNotFoundError as e:
+        raise ToolMissingError(f"{argv[0]} is not installed or not on PATH") from e
+
+
+async def _read_stderr(
+    proc: asyncio.subprocess.Process, lines: list[str], on_line: Callable[[str], None]
+) -> None:
+    """Collect the process's stderr into `lines`, handing each line to `on_line` as it comes."""
+    assert proc.stderr is not None
+    while True:
+        raw = await proc.stderr.readline()
+        if not raw:
+            return
+        line = raw.decode(errors="replace").rstrip("\n")
+        lines.append(line)
+        on_line(line)
+
+
+async def _communicate(
+    proc: asyncio.subprocess.Process,
+    input_data: bytes | None,
+    stderr_lines: list[str],
+    on_stderr_line: Callable[[str], None],
+) -> bytes:
+    """Feed stdin, read stdout to its end, wait for stderr (`_read_stderr`) and the exit;
+    stdout's bytes."""
+    stderr_task = asyncio.create_task(_read_stderr(proc, stderr_lines, on_stderr_line))
+    if input_data is not None:
+        assert proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            proc.stdin.write(input_data)
+            await proc.stdin.drain()
+        proc.stdin.close()
+    assert proc.stdout is not None
+    out = await proc.stdout.read()
+    await stderr_task
+    await proc.wait()
+    return out
+
+
 async def run(
     argv: Sequence[str],
     *,
@@ -102,54 +162,23 @@ async def run(
     sample_memory: bool = False,
 ) -> Completed:
     """Run argv to completion; never raises for a non-zero exit status."""
-    full_env = None if env is None else {**os.environ, **env}
     start = time.monotonic()
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE if input_data is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=full_env,
-            cwd=cwd,
-            start_new_session=True,
-        )
-    except FileNotFoundError as e:
-        raise ToolMissingError(f"{argv[0]} is not installed or not on PATH") from e
+    stdin = asyncio.subprocess.PIPE if input_data is not None else asyncio.subprocess.DEVNULL
+    proc = await _spawn(argv, stdin=stdin, env=env, cwd=cwd)
     sampler = _Sampler(proc.pid)
     sampler_task = asyncio.create_task(sampler.loop()) if sample_memory else None
     stderr_lines: list[str] = []
 
-    async def read_stderr() -> None:
-        assert proc.stderr is not None
-        while True:
-            raw = await proc.stderr.readline()
-            if not raw:
-                return
-            line = raw.decode(errors="replace").rstrip("\n")
-            stderr_lines.append(line)
-            if on_stderr_line is not None:
-                rss = sampler.sample() if sample_memory else 0
-                on_stderr_line(line, time.monotonic() - start, rss)
-
-    async def communicate() -> bytes:
-        stderr_task = asyncio.create_task(read_stderr())
-        if input_data is not None:
-            assert proc.stdin is not None
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                proc.stdin.write(input_data)
-                await proc.stdin.drain()
-            proc.stdin.close()
-        assert proc.stdout is not None
-        out = await proc.stdout.read()
-        await stderr_task
-        await proc.wait()
-        return out
+    def on_line(line: str) -> None:
+        if on_stderr_line is not None:
+            rss = sampler.sample() if sample_memory else 0
+            on_stderr_line(line, time.monotonic() - start, rss)
 
     timed_out = False
     stdout = b""
     try:
-        stdout = await asyncio.wait_for(communicate(), timeout)
+        communicating = _communicate(proc, input_data, stderr_lines, on_line)
+        stdout = await asyncio.wait_for(communicating, timeout)
     except TimeoutError:
         timed_out = True
         _kill_group(proc)
@@ -237,18 +266,7 @@ async def reading(
     Stderr is collected in the background; when the block is left the process group is
     killed if the process has not ended, and reaped (bounded: `Reading.kill`).
     """
-    full_env = None if env is None else {**os.environ, **env}
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=full_env,
-            start_new_session=True,
-        )
-    except FileNotFoundError as e:
-        raise ToolMissingError(f"{argv[0]} is not installed or not on PATH") from e
+    proc = await _spawn(argv, stdin=asyncio.subprocess.DEVNULL, env=env)
     assert proc.stdout is not None and proc.stderr is not None
     stderr_task = asyncio.create_task(proc.stderr.read())
     running = Reading(proc, proc.stdout, stderr_task)
