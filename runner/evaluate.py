@@ -31,11 +31,13 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 from runner import nix
 from runner.hive.hive import Hive
+from runner.process import Completed
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -397,6 +399,15 @@ class Evaluator:
 
     async def _run_chunk(self, chunk: _Chunk, planner: Planner) -> list[_Chunk]:
         """Evaluate one chunk; returns chunks to retry (bisected halves, singles)."""
+        started, started_at = time.monotonic(), time.time()
+        out = await self._evaluate(chunk, planner)
+        elapsed = time.monotonic() - started
+        if not out.completed.ok:
+            return await self._failed(chunk, out.completed, elapsed, started_at)
+        return await self._results(chunk, out.value, elapsed, started_at)
+
+    async def _evaluate(self, chunk: _Chunk, planner: Planner) -> nix.EvalOutput:
+        """One evaluator process for the chunk, its memory and per-node times recorded."""
         points: list[tuple[int, float, int]] = []
         key = id(chunk)
 
@@ -411,7 +422,6 @@ class Evaluator:
             if chunk.single
             else self.hive.chunk_expr(chunk.names)
         )
-        started, started_at = time.monotonic(), time.time()
         if self.on_start is not None and not chunk.single:
             self.on_start(chunk.names)
         out = await nix.eval_json(
@@ -431,7 +441,13 @@ class Evaluator:
         self.stats.append(stat)
         if done.ok and not chunk.single:
             planner.model.observe(stat)
-        elapsed = time.monotonic() - started
+        return out
+
+    async def _failed(
+        self, chunk: _Chunk, done: Completed, elapsed: float, started_at: float
+    ) -> list[_Chunk]:
+        """A chunk whose evaluator failed: timed out (every node fails), one node's error,
+        or two halves to retry (the broken node is not known yet)."""
         if done.timed_out:
             for name in chunk.names:
                 await self._finish(
@@ -445,23 +461,27 @@ class Evaluator:
                     )
                 )
             return []
-        if not done.ok:
-            if len(chunk.names) == 1:
-                await self._finish(
-                    NodeEval(
-                        chunk.names[0],
-                        None,
-                        None,
-                        nix.first_error_line(done.stderr),
-                        nix.error_text(done.stderr),
-                        elapsed,
-                        started_at,
-                    )
+        if len(chunk.names) == 1:
+            await self._finish(
+                NodeEval(
+                    chunk.names[0],
+                    None,
+                    None,
+                    nix.first_error_line(done.stderr),
+                    nix.error_text(done.stderr),
+                    elapsed,
+                    started_at,
                 )
-                return []
-            mid = len(chunk.names) // 2
-            return [_Chunk(chunk.names[:mid]), _Chunk(chunk.names[mid:])]
-        value = out.value
+            )
+            return []
+        mid = len(chunk.names) // 2
+        return [_Chunk(chunk.names[:mid]), _Chunk(chunk.names[mid:])]
+
+    async def _results(
+        self, chunk: _Chunk, value: Any, elapsed: float, started_at: float
+    ) -> list[_Chunk]:
+        """Each node's drvPath and outPath from a chunk that evaluated; the nodes that a
+        `tryEval` caught come back as single chunks to retry for their own message."""
         if chunk.single:
             value = {chunk.names[0]: value}
         retry: list[_Chunk] = []
