@@ -300,23 +300,31 @@ async def _host_access(
     return {n: (HostAccess.of(c), None) for n, c in configs.items()}
 
 
-async def _evaluate_side(
-    source: HiveSource,
-    flags: NixFlags,
-    selector: Selector | None,
-    settings: EvalSettings,
-    host_access: bool = False,
-) -> SideEval:
-    hive = await Hive(source, flags).prepared()
+@dataclass(frozen=True)
+class _Inputs:
+    """What both sides of a plan are evaluated with."""
+
+    repo: pygit2.Repository
+    rel: str  # the hive's path inside the repository, "" for its root
+    flags: NixFlags
+    selector: Selector | None
+    settings: EvalSettings
+    cache_dir: Path | None
+    host_access: bool
+
+
+async def _evaluate_side(source: HiveSource, inputs: _Inputs) -> SideEval:
+    hive = await Hive(source, inputs.flags).prepared()
     names = await hive.node_names()
+    selector = inputs.selector
     tags: dict[str, tuple[str, ...]] = {}
     if selector is not None and selector.needs_tags:
         tags = {n: c.tags for n, c in (await hive.deployment(names)).items()}
     chosen = list(names) if selector is None else selector.matching(names, tags)
     if not chosen:
         return SideEval((), {})
-    run = await evaluate(hive, chosen, settings)
-    access = await _host_access(hive, chosen) if host_access else {}
+    run = await evaluate(hive, chosen, inputs.settings)
+    access = await _host_access(hive, chosen) if inputs.host_access else {}
     return SideEval(
         tuple(sorted(chosen)),
         {
@@ -353,12 +361,51 @@ async def compute_plan(
     reached) is read on both sides too (`NodeChange.base_access`, `head_access`).
     """
     started = time.monotonic()
-    flags = flags or NixFlags()
-    eval_settings = eval_settings or EvalSettings()
-    ignore = tuple(ignore)
     repo = await asyncio.to_thread(hive_repository, hive_path)
     rel = _relative(repo, hive_path)
     head_rev = head or "HEAD"
+    head_commit = await _head_commit(repo, head_rev, remote, callbacks)
+    base_commit, notes, unknown = await _base_commit(repo, base, remote, callbacks)
+    plan = Plan(
+        hive=rel or ".",
+        base_rev=base,
+        head_rev=head_rev,
+        base=None,
+        head=str(head_commit.id),
+        ignore=tuple(ignore),
+        all_affected_reason=unknown,
+    )
+    if base_commit is not None:
+        plan = await _with_changed_paths(plan, repo, base_commit, head_commit)
+        if plan.skipped_reason is not None:
+            return replace(plan, notes=tuple(notes), seconds=time.monotonic() - started)
+    inputs = _Inputs(
+        repo,
+        rel,
+        flags or NixFlags(),
+        selector,
+        eval_settings or EvalSettings(),
+        cache_dir,
+        host_access,
+    )
+    sides = await _evaluate_sides(inputs, head_commit, base_commit)
+    if selector is not None and not sides.head.names and not (sides.base and sides.base.names):
+        raise UsageError(f"--on {selector.text!r} matches no node at head or at base")
+    return replace(
+        plan,
+        nodes=_compare(sides.head, sides.base),
+        notes=(*notes, *sides.notes),
+        evaluations=sides.evaluations,
+        base_cached=sides.base_cached,
+        all_affected_reason=sides.all_affected_reason or plan.all_affected_reason,
+        seconds=time.monotonic() - started,
+    )
+
+
+async def _head_commit(
+    repo: pygit2.Repository, head_rev: str, remote: str, callbacks: pygit2.RemoteCallbacks | None
+) -> pygit2.Commit:
+    """The head commit, fetched when the clone lacks it; UsageError when there is none."""
     head_commit = await asyncio.to_thread(resolve, repo, head_rev)
     if head_commit is None:
         fetched_head = await asyncio.to_thread(
@@ -367,119 +414,95 @@ async def compute_plan(
         head_commit = fetched_head.commit
         if head_commit is None:
             raise UsageError(f"plan: --head {head_rev!r} names no commit in the repository")
-    plan = Plan(
-        hive=rel or ".",
-        base_rev=base,
-        head_rev=head_rev,
-        base=None,
-        head=str(head_commit.id),
-        ignore=ignore,
-    )
-    notes: list[str] = []
-    base_commit: pygit2.Commit | None = None
-    if is_zero(base):
-        plan = replace(
-            plan,
-            all_affected_reason=(
-                "base commit unknown (empty or all zeros, as CI reports for a new branch): "
-                "every node is treated as affected"
-            ),
-        )
-    else:
-        assert base is not None
-        fetched = await asyncio.to_thread(
-            ensure_commit, repo, base, remote=remote, callbacks=callbacks
-        )
-        notes += fetched.notes
-        base_commit = fetched.commit
-        if base_commit is None:
-            plan = replace(
-                plan,
-                all_affected_reason=(
-                    f"base commit {base} is not in the repository and could not be fetched: "
-                    "every node is treated as affected"
-                ),
-            )
-    if base_commit is not None:
-        plan = replace(plan, base=str(base_commit.id))
-        paths = await asyncio.to_thread(changed_paths, repo, base_commit, head_commit)
-        ignored = tuple(c for c in paths if change_is_ignored(c, ignore))
-        plan = replace(plan, changed_paths=tuple(paths), ignored_paths=ignored)
-        if not paths or len(ignored) == len(paths):
-            why = (
-                "base and head have the same files"
-                if not paths
-                else "only ignored paths changed (" + ", ".join(ignore) + ")"
-            )
-            return replace(
-                plan,
-                skipped_reason=f"{why}: no node is affected, nothing was evaluated",
-                notes=tuple(notes),
-                seconds=time.monotonic() - started,
-            )
+    return head_commit
 
-    with tempfile.TemporaryDirectory(prefix="waggle-plan-") as tmp:
-        head_dir = await asyncio.to_thread(checkout_tree, repo, head_commit, Path(tmp, "head"))
-        head_source = _source_in(head_dir, rel)
-        if head_source is None:
-            raise HiveError(f"plan: there is no hive at {rel or '.'} in the head commit")
-        head_side = await _evaluate_side(head_source, flags, selector, eval_settings, host_access)
-        evaluations = 1
-        base_side: SideEval | None = None
-        base_cached = False
-        if base_commit is not None:
-            base_side, base_cached, base_notes = await _base_side(
-                repo,
-                base_commit,
-                rel,
-                Path(tmp, "base"),
-                flags,
-                selector,
-                eval_settings,
-                cache_dir,
-                host_access,
-            )
-            notes += base_notes
-            if base_side is None:
-                plan = replace(
-                    plan,
-                    all_affected_reason=(
-                        "the hive does not evaluate at base: every node is treated as affected"
-                    ),
-                )
-            elif not base_cached:
-                evaluations += 1
-    if selector is not None and not head_side.names and not (base_side and base_side.names):
-        raise UsageError(f"--on {selector.text!r} matches no node at head or at base")
-    nodes = _compare(head_side, base_side)
-    return replace(
-        plan,
-        nodes=nodes,
-        notes=tuple(notes),
-        evaluations=evaluations,
-        base_cached=base_cached,
-        seconds=time.monotonic() - started,
+
+async def _base_commit(
+    repo: pygit2.Repository,
+    base: str | None,
+    remote: str,
+    callbacks: pygit2.RemoteCallbacks | None,
+) -> tuple[pygit2.Commit | None, list[str], str | None]:
+    """(the base commit, fetched when missing; the fetch's notes; why every node counts as
+    affected when there is no base commit)."""
+    if is_zero(base):
+        reason = (
+            "base commit unknown (empty or all zeros, as CI reports for a new branch): "
+            "every node is treated as affected"
+        )
+        return None, [], reason
+    assert base is not None
+    fetched = await asyncio.to_thread(ensure_commit, repo, base, remote=remote, callbacks=callbacks)
+    if fetched.commit is None:
+        reason = (
+            f"base commit {base} is not in the repository and could not be fetched: "
+            "every node is treated as affected"
+        )
+        return None, list(fetched.notes), reason
+    return fetched.commit, list(fetched.notes), None
+
+
+async def _with_changed_paths(
+    plan: Plan, repo: pygit2.Repository, base: pygit2.Commit, head: pygit2.Commit
+) -> Plan:
+    """The plan with the base, the changed paths and, when no path that counts changed, why
+    nothing is evaluated (`skipped_reason`)."""
+    plan = replace(plan, base=str(base.id))
+    paths = await asyncio.to_thread(changed_paths, repo, base, head)
+    ignored = tuple(c for c in paths if change_is_ignored(c, plan.ignore))
+    plan = replace(plan, changed_paths=tuple(paths), ignored_paths=ignored)
+    if paths and len(ignored) < len(paths):
+        return plan
+    why = (
+        "base and head have the same files"
+        if not paths
+        else "only ignored paths changed (" + ", ".join(plan.ignore) + ")"
     )
+    return replace(plan, skipped_reason=f"{why}: no node is affected, nothing was evaluated")
+
+
+@dataclass(frozen=True)
+class _Sides:
+    head: SideEval
+    base: SideEval | None  # None: no base commit, or the hive does not evaluate there
+    base_cached: bool
+    evaluations: int  # sides evaluated with nix
+    notes: tuple[str, ...]
+    all_affected_reason: str | None
+
+
+async def _evaluate_sides(
+    inputs: _Inputs, head_commit: pygit2.Commit, base_commit: pygit2.Commit | None
+) -> _Sides:
+    """Both sides, each from its commit's tree written to a temporary directory."""
+    with tempfile.TemporaryDirectory(prefix="waggle-plan-") as tmp:
+        head_dir = await asyncio.to_thread(
+            checkout_tree, inputs.repo, head_commit, Path(tmp, "head")
+        )
+        head_source = _source_in(head_dir, inputs.rel)
+        if head_source is None:
+            raise HiveError(f"plan: there is no hive at {inputs.rel or '.'} in the head commit")
+        head_side = await _evaluate_side(head_source, inputs)
+        if base_commit is None:
+            return _Sides(head_side, None, False, 1, (), None)
+        base_side, cached, notes = await _base_side(inputs, base_commit, Path(tmp, "base"))
+    if base_side is None:
+        reason = "the hive does not evaluate at base: every node is treated as affected"
+        return _Sides(head_side, None, False, 1, tuple(notes), reason)
+    return _Sides(head_side, base_side, cached, 1 if cached else 2, tuple(notes), None)
 
 
 async def _base_side(
-    repo: pygit2.Repository,
-    commit: pygit2.Commit,
-    rel: str,
-    dest: Path,
-    flags: NixFlags,
-    selector: Selector | None,
-    settings: EvalSettings,
-    cache_dir: Path | None,
-    host_access: bool = False,
+    inputs: _Inputs, commit: pygit2.Commit, dest: Path
 ) -> tuple[SideEval | None, bool, list[str]]:
     """(side or None when the hive fails at base, cache hit, notes)."""
+    rel, flags, selector = inputs.rel, inputs.flags, inputs.selector
     notes: list[str] = []
     if not _tree_has(commit, rel):
         notes.append(f"there is no hive at {rel or '.'} in the base commit: every node is new")
         return SideEval((), {}), False, notes
     path: Path | None = None
-    if cache_dir is not None:
+    if inputs.cache_dir is not None:
         key = cache.cache_key(
             rel,
             selector.text if selector else None,
@@ -487,20 +510,20 @@ async def _base_side(
             flags.options,
             flags.machines_file,
             os.environ.get("NIX_PATH", ""),
-            *(("host-access",) if host_access else ()),
+            *(("host-access",) if inputs.host_access else ()),
         )
-        path = cache.cache_file(cache_dir, str(commit.tree.id), await nix.version(), key)
+        path = cache.cache_file(inputs.cache_dir, str(commit.tree.id), await nix.version(), key)
         hit = await asyncio.to_thread(cache.load, path)
         if hit is not None:
             notes.append(f"base evaluation read from the cache ({path.name})")
             return hit, True, notes
-    base_dir = await asyncio.to_thread(checkout_tree, repo, commit, dest)
+    base_dir = await asyncio.to_thread(checkout_tree, inputs.repo, commit, dest)
     source = _source_in(base_dir, rel)
     if source is None:
         notes.append(f"there is no hive at {rel or '.'} in the base commit: every node is new")
         return SideEval((), {}), False, notes
     try:
-        side = await _evaluate_side(source, flags, selector, settings, host_access)
+        side = await _evaluate_side(source, inputs)
     except HiveError as e:
         notes.append(f"base: {e.message}")
         return None, False, notes
