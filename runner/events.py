@@ -9,23 +9,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
-
-from typing_extensions import override
+from enum import StrEnum
 
 from runner.results import NodeResult, Stage, StageResult, Status
 
 
-class EventKind(Enum):
+class EventKind(StrEnum):
     QUEUED = "queued"  # the node takes part in the run
     STAGE_START = "stage-start"
     LOG = "log"  # a line of output or a progress message of the current stage
     STAGE_END = "stage-end"  # `result` holds the StageResult
     NODE_END = "node-end"  # `node_result` holds the NodeResult
-
-    @override
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,10 @@ of Waggle's, so both can use it without an import cycle.
 
 from __future__ import annotations
 
-from enum import Enum
-
-from typing_extensions import override
+from enum import StrEnum
 
 
-class Goal(Enum):
+class Goal(StrEnum):
     BUILD = "build"
     PUSH = "push"
     SWITCH = "switch"
@@ -20,10 +18,6 @@ class Goal(Enum):
     TEST = "test"
     DRY_ACTIVATE = "dry-activate"
     UPLOAD_KEYS = "upload-keys"
-
-    @override
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def sets_profile(self) -> bool:

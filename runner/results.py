@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
-
-from typing_extensions import override
+from enum import StrEnum
 
 
-class Stage(Enum):
+class Stage(StrEnum):
     EVAL = "eval"
     BUILD = "build"
     PUSH = "push"
@@ -18,19 +16,11 @@ class Stage(Enum):
     POST_KEYS = "post-keys"  # post-activation keys
     HEALTH = "health"
 
-    @override
-    def __str__(self) -> str:
-        return self.value
 
-
-class Status(Enum):
+class Status(StrEnum):
     OK = "ok"
     FAILED = "failed"
     SKIPPED = "skipped"
-
-    @override
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

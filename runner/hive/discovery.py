@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
-
-from typing_extensions import override
 
 from runner.errors import HiveError
 
 
-class HiveKind(Enum):
+class HiveKind(StrEnum):
     LEGACY = "hive.nix"
     FLAKE = "flake"
-
-    @override
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

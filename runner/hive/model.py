@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from typing_extensions import override
@@ -15,13 +15,9 @@ _UNIX_NAME = re.compile(r"^[a-z_][-a-z0-9_]*\$?$")
 _PERMISSIONS = re.compile(r"^[0-7]{3,4}$")
 
 
-class UploadAt(Enum):
+class UploadAt(StrEnum):
     PRE_ACTIVATION = "pre-activation"
     POST_ACTIVATION = "post-activation"
-
-    @override
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

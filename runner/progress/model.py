@@ -10,25 +10,19 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from enum import Enum
-
-from typing_extensions import override
+from enum import StrEnum
 
 from runner.events import Event, EventKind
 from runner.progress.text import clean, clean_lines
 from runner.results import NodeResult, Stage, StageResult, Status
 
 
-class Phase(Enum):
+class Phase(StrEnum):
     WAITING = "waiting"  # queued, no stage started yet
     RUNNING = "running"
     OK = "succeeded"
     SKIPPED = "skipped"  # ended ok, but a stage was skipped (unchanged, no targetHost)
     FAILED = "failed"
-
-    @override
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def finished(self) -> bool:
