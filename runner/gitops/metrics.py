@@ -49,37 +49,35 @@ def _node_samples(last: DeployRecord) -> list[Sample]:
 
 
 def _last_deploy(last: DeployRecord) -> list[str]:
-    return [
-        *_metric(
+    gauges: tuple[tuple[str, str, list[Sample]], ...] = (
+        (
             "waggle_watch_last_deploy_timestamp_seconds",
-            "gauge",
             "When the last deploy ended (epoch seconds).",
             [("", last.started_at + last.seconds)],
         ),
-        *_metric(
+        (
             "waggle_watch_last_deploy_duration_seconds",
-            "gauge",
             "How long the last deploy took.",
             [("", last.seconds)],
         ),
-        *_metric(
+        (
             "waggle_watch_last_commit_info",
-            "gauge",
             "The commit deployed last.",
             [(f'{{commit="{escape_label(last.commit)}"}}', 1)],
         ),
-        *_metric(
+        (
             "waggle_watch_last_deploy_success",
-            "gauge",
             "1 if every node of the last deploy succeeded, else 0.",
             [("", 1 if last.ok else 0)],
         ),
-        *_metric(
+        (
             "waggle_watch_node_status",
-            "gauge",
             "The status of each node in the last deploy (ok, failed, unchanged, skipped).",
             _node_samples(last),
         ),
+    )
+    return [
+        line for name, text, samples in gauges for line in _metric(name, "gauge", text, samples)
     ]
 
 
@@ -93,31 +91,28 @@ class Metrics:
     last: DeployRecord | None = None
 
     def render(self) -> str:
-        out = [
-            *_metric(
-                "waggle_watch_deploys_total",
-                "counter",
-                "Deploys finished by this watcher.",
-                [("", self.deploys_total)],
-            ),
-            *_metric(
+        counters = (
+            ("waggle_watch_deploys_total", "Deploys finished by this watcher.", self.deploys_total),
+            (
                 "waggle_watch_deploy_failures_total",
-                "counter",
                 "Deploys that failed (a node failed or the deploy raised).",
-                [("", self.deploy_failures_total)],
+                self.deploy_failures_total,
             ),
-            *_metric(
+            (
                 "waggle_watch_fetch_errors_total",
-                "counter",
                 "Fetches that failed or timed out.",
-                [("", self.fetch_errors_total)],
+                self.fetch_errors_total,
             ),
-            *_metric(
+            (
                 "waggle_watch_refused_total",
-                "counter",
                 "New heads refused as not descending from the deployed commit.",
-                [("", self.refused_total)],
+                self.refused_total,
             ),
+        )
+        out = [
+            line
+            for name, text, value in counters
+            for line in _metric(name, "counter", text, [("", value)])
         ]
         if self.last_fetch_timestamp is not None:
             out += _metric(
