@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from runner.events import Event, EventKind
 from runner.progress.model import (
@@ -91,16 +92,20 @@ def _glyph(phase: Phase, now: float, glyphs: Glyphs) -> str:
     }[phase]
 
 
-def render_node_line(
-    node: NodeView,
-    *,
-    now: float,
-    width: int,
-    label: int,
-    color: bool,
-    glyphs: Glyphs = UNICODE,
-) -> str:
+@dataclass(frozen=True)
+class Columns:
+    """How the live view's lines are laid out: the screen's width, the name column's width,
+    colour, the status marks."""
+
+    width: int
+    label: int
+    color: bool
+    glyphs: Glyphs = UNICODE
+
+
+def render_node_line(node: NodeView, *, now: float, columns: Columns) -> str:
     """`  sigma ⠹    7s copying path …`: name, status mark, elapsed, latest message."""
+    label, glyphs = columns.label, columns.glyphs
     glyph_style, message_style = _STYLE[node.phase]
     elapsed = node.elapsed(now)
     message = node.message or ("waiting" if node.phase is Phase.WAITING else "")
@@ -110,7 +115,7 @@ def render_node_line(
         (pad_left("" if elapsed is None else format_duration(elapsed), TIME_WIDTH), (DIM,)),
         (message, message_style),
     ]
-    return _fit(segments, width, color=color, ellipsis=glyphs.ellipsis)
+    return _fit(segments, columns.width, color=columns.color, ellipsis=glyphs.ellipsis)
 
 
 def _hidden_text(hidden: Sequence[NodeView]) -> str:
@@ -144,28 +149,21 @@ def _visible(nodes: Sequence[NodeView], slots: int) -> set[str]:
     return {n.name for n in chosen}
 
 
-def render_footer(
-    state: ViewState,
-    *,
-    now: float,
-    width: int,
-    label: int,
-    color: bool,
-    glyphs: Glyphs = UNICODE,
-) -> str:
+def render_footer(state: ViewState, *, now: float, columns: Columns) -> str:
     """The counts line, in the node lines' columns; its mark spins until all nodes ended."""
+    glyphs = columns.glyphs
     counts = state.counts()
     if counts.total and counts.finished:
         glyph, style = (glyphs.failed, (RED, BOLD)) if counts.failed else (glyphs.ok, (GREEN,))
     else:
         glyph, style = glyphs.spin(now), (CYAN,)
     segments: list[Segment] = [
-        (" " * label, ()),
+        (" " * columns.label, ()),
         (glyph, style),
         (pad_left(format_duration(state.elapsed(now)), TIME_WIDTH), (DIM,)),
         (counts.describe(), (BOLD,)),
     ]
-    return _fit(segments, width, color=color, ellipsis=glyphs.ellipsis)
+    return _fit(segments, columns.width, color=columns.color, ellipsis=glyphs.ellipsis)
 
 
 def render_live(
@@ -185,8 +183,9 @@ def render_live(
     """
     width = max(1, width)
     label = label_width(state, width)
+    columns = Columns(width, label, color, glyphs)
     nodes = list(state.nodes.values())
-    footer = render_footer(state, now=now, width=width, label=label, color=color, glyphs=glyphs)
+    footer = render_footer(state, now=now, columns=columns)
     if height is not None and height <= 1:
         return [footer] if height == 1 else []
     if height is None or len(nodes) + 1 <= height:
@@ -195,10 +194,7 @@ def render_live(
         keep = _visible(nodes, height - 2)
         shown = [n for n in nodes if n.name in keep]
         hidden = [n for n in nodes if n.name not in keep]
-    lines = [
-        render_node_line(n, now=now, width=width, label=label, color=color, glyphs=glyphs)
-        for n in shown
-    ]
+    lines = [render_node_line(n, now=now, columns=columns) for n in shown]
     if hidden:
         more: list[Segment] = [
             (" " * label, ()),
