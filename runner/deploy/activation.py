@@ -27,7 +27,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 from runner.errors import WaggleError
@@ -274,55 +274,52 @@ async def activate(
         raise ValueError(f"not an activation goal: {goal!r} (one of {', '.join(ACTIVATION_GOALS)})")
     if not toplevel.startswith("/"):
         raise ValueError(f"not a store path: {toplevel!r}")
+    run_id = _new_run_id()
     run = _Activation(
         host,
         toplevel,
         goal,
-        set_profile=set_profile,
-        timeout=timeout,
-        reconnect_timeout=reconnect_timeout,
-        method=method,
-        state_dir=state_dir,
-        on_line=on_line,
+        set_profile,
+        timeout,
+        reconnect_timeout,
+        method,
+        run_id,
+        run_directory(run_id, state_dir),
+        _Follower(on_line),
     )
     return await run.run()
 
 
+@dataclass
 class _Activation:
     """One activation's steps: prepare, start, follow, read the status (see `activate`).
 
     A step that ends the activation returns its result; None means go on.
     """
 
-    def __init__(
-        self,
-        host: Host,
-        toplevel: str,
-        goal: str,
-        *,
-        set_profile: bool,
-        timeout: float,
-        reconnect_timeout: float,
-        method: MethodChoice,
-        state_dir: str,
-        on_line: Callable[[str], None] | None,
-    ) -> None:
-        self.host = host
-        self.toplevel = toplevel
-        self.goal = goal
-        self.set_profile = set_profile
-        self.timeout = timeout
-        self.reconnect_timeout = reconnect_timeout
-        self.method = method
-        self.began = time.monotonic()
-        self.deadline = self.began + timeout
-        self.run_id = _new_run_id()
-        self.directory = run_directory(self.run_id, state_dir)
-        self.follower = _Follower(on_line)
-        self.reconnects = 0
-        self.chosen: Method = "systemd-run" if method == "systemd-run" else "detached"
-        self.env: dict[str, str] = {}
-        self.unit = ""  # the transient unit, once started with systemd-run
+    host: Host
+    toplevel: str
+    goal: str
+    set_profile: bool
+    timeout: float
+    reconnect_timeout: float
+    method: MethodChoice
+    run_id: str
+    directory: str
+    follower: _Follower
+    began: float = field(default_factory=time.monotonic)
+    reconnects: int = 0
+    chosen: Method = "detached"  # how it runs on the host, once known
+    env: dict[str, str] = field(default_factory=dict)  # PATH and LOCALE_ARCHIVE for a unit
+    unit: str = ""  # the transient unit, once started with systemd-run
+
+    def __post_init__(self) -> None:
+        if self.method == "systemd-run":
+            self.chosen = "systemd-run"
+
+    @property
+    def deadline(self) -> float:
+        return self.began + self.timeout
 
     async def run(self) -> ActivationResult:
         ended = await self._prepare() or await self._start() or await self._follow()
