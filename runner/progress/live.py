@@ -30,7 +30,6 @@ from typing import TextIO
 from typing_extensions import override
 
 from runner.events import Event
-from runner.progress.model import ViewState
 from runner.progress.output import Output
 from runner.progress.render import render_failures, render_live
 from runner.progress.text import UNICODE, Glyphs, rows_at, visible_width
@@ -76,14 +75,12 @@ class LiveView(Output):
         started_at: float | None = None,
         tail_lines: int = 20,
     ) -> None:
-        super().__init__(ViewState(started_at, tail_lines=tail_lines))
-        self.stream = stream
-        self.color = color
+        super().__init__(
+            stream, color=color, clock=clock, started_at=started_at, tail_lines=tail_lines
+        )
         self.glyphs = glyphs
         self.interval = 1.0 / fps
-        self.clock = clock
         self.size: Callable[[], Size] = size or (lambda: terminal_size(stream))
-        self.tail_lines = tail_lines
         self._active = False
         self._widths: list[int] = []  # cells of each line of the frame on screen
         self._columns = 0  # terminal width when that frame was drawn

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from types import TracebackType
-from typing import Self
+from typing import Self, TextIO
 
 from typing_extensions import override
 
@@ -23,9 +24,21 @@ class Output(ABC):
     middle of a redraw or of a CI log group.
     """
 
-    def __init__(self, state: ViewState) -> None:
-        self.state = state
+    def __init__(
+        self,
+        stream: TextIO,
+        *,
+        color: bool,
+        clock: Callable[[], float],
+        started_at: float | None,
+        tail_lines: int,
+    ) -> None:
+        self.state = ViewState(started_at, tail_lines=tail_lines)
         self.lock = threading.RLock()
+        self.stream = stream
+        self.color = color
+        self.clock = clock
+        self.tail_lines = tail_lines
 
     @abstractmethod
     def __call__(self, event: Event) -> None: ...

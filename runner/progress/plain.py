@@ -29,7 +29,7 @@ from typing_extensions import override
 
 from runner.events import Event, EventKind
 from runner.github import ANNOTATION_LIMIT, annotation
-from runner.progress.model import NodeView, Phase, ViewState
+from runner.progress.model import NodeView, Phase
 from runner.progress.output import Output
 from runner.progress.render import (
     group_header,
@@ -119,16 +119,14 @@ class PlainLog(Output):
         tail_lines: int = 20,
         max_buffered_lines: int = 10_000,
     ) -> None:
-        super().__init__(ViewState(started_at, tail_lines=tail_lines))
-        self.stream = stream
-        self.color = color
+        super().__init__(
+            stream, color=color, clock=clock, started_at=started_at, tail_lines=tail_lines
+        )
         self.timestamps = timestamps
         self.provider = provider
         self.label_width = label_width
         self.annotate = annotate
         self.heartbeat = heartbeat
-        self.clock = clock
-        self.tail_lines = tail_lines
         self.max_buffered_lines = max_buffered_lines
         self._buffers: dict[str, _Buffer] = {}
         self._annotations = 0
