@@ -30,9 +30,10 @@ from runner.app.plan import plan, write_plan_reports
 from runner.app.run import apply
 from runner.app.watch import run_watch
 from runner.build import BuildSettings
-from runner.deploy.pipeline import DeploySettings, Goal
+from runner.deploy.pipeline import DeploySettings
 from runner.evaluate import EvalSettings, parse_size
 from runner.gitops.plan import DEFAULT_IGNORE, Plan
+from runner.goals import GOALS, Goal
 from runner.hosts.ssh import SshSettings
 from runner.nix import NixFlags
 from runner.report import jsonreport, junit, markdown, text
@@ -51,7 +52,7 @@ exit codes:
   143  terminated (SIGTERM, e.g. a cancelled CI job); reports are still written
 """
 
-GOALS = tuple(str(g) for g in Goal)
+
 Namespace = argparse.Namespace
 
 

@@ -25,11 +25,12 @@ from runner.app.requests import (
     parse_node_limit,
 )
 from runner.app.run import apply
-from runner.deploy.pipeline import DeploySettings, Goal
+from runner.deploy.pipeline import DeploySettings
 from runner.errors import UsageError
 from runner.evaluate import EvalSettings
 from runner.gitops.config import CiConfig
 from runner.gitops.watch import WatchResult
+from runner.goals import Goal
 from runner.hosts import LineCallback, RemoteResult
 from runner.results import RunSummary, Stage
 from tests.conftest import write_hive
@@ -81,9 +82,8 @@ def test_a_host_raising_a_plain_exception_fails_its_node_alone_and_reports_are_w
     tmp_path,
 ):
     write_hive(tmp_path, HIVE)
-    reports = Reports(
-        junit=tmp_path / "out" / "r.xml", markdown=tmp_path / "r.md", json=tmp_path / "r.json"
-    )
+    xml, md, js = tmp_path / "out" / "r.xml", tmp_path / "r.md", tmp_path / "r.json"
+    reports = Reports(junit=xml, markdown=md, json=js)
     request = ApplyRequest(
         hive=HiveRef(cwd=tmp_path),
         eval=EvalSettings(node_limit=0),
@@ -98,10 +98,10 @@ def test_a_host_raising_a_plain_exception_fails_its_node_alone_and_reports_are_w
     assert failure is not None and failure.stage is Stage.PUSH
     assert failure.message.startswith("internal error: KeyError:")
     assert "Traceback" in failure.detail
-    data = json.loads(reports.json.read_text())
+    data = json.loads(js.read_text())
     assert [n["status"] for n in data["nodes"]] == ["ok", "failed", "ok"]
-    assert "internal error" in reports.junit.read_text()
-    assert "n2" in reports.markdown.read_text()
+    assert "internal error" in xml.read_text()
+    assert "n2" in md.read_text()
 
 
 def test_ci_derives_its_run_request_from_the_flags_and_waggle_yaml():

@@ -28,9 +28,10 @@ import psutil
 import pytest
 
 from runner.build import BuildSettings
-from runner.deploy.pipeline import DeploySettings, Goal, deploy
+from runner.deploy.pipeline import DeploySettings, deploy
 from runner.evaluate import EvalSettings
 from runner.events import Event, EventKind
+from runner.goals import Goal
 from runner.hive.discovery import locate
 from runner.hive.hive import Hive
 from runner.hive.model import NodeConfig

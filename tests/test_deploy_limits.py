@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from runner.build import BuildSettings
-from runner.deploy.pipeline import DeploySettings, Goal, deploy
+from runner.deploy.pipeline import DeploySettings, deploy
 from runner.evaluate import EvalSettings
+from runner.goals import Goal
 from runner.hive.discovery import locate
 from runner.hive.hive import Hive
 from runner.hosts import LineCallback, RemoteResult

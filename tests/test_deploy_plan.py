@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from runner.deploy.activation import CurrentSystem
-from runner.deploy.pipeline import Goal, _unchanged, goal_stages
+from runner.deploy.pipeline import _unchanged, goal_stages
+from runner.goals import Goal
 from runner.results import Stage
 
 NEW = "/nix/store/new-system"

@@ -25,12 +25,13 @@ from runner.app.requests import (
     parse_node_limit,
 )
 from runner.app.run import apply, log_evaluation, open_hive, progress
-from runner.deploy.pipeline import DeploySettings, Goal, deploy, goal_stages
+from runner.deploy.pipeline import DeploySettings, deploy, goal_stages
 from runner.errors import WaggleError
 from runner.gitinfo import head_commit
 from runner.gitops import ci, comments, trust
 from runner.gitops.config import CiConfig, load_config, merge
 from runner.gitops.plan import DEFAULT_IGNORE, NodeChange, Plan
+from runner.goals import Goal
 from runner.results import NodeResult, RunSummary, Status
 
 log = logging.getLogger("waggle")

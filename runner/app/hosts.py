@@ -11,8 +11,9 @@ from pathlib import Path
 from runner.app.requests import ApplyLocalRequest, ExecRequest
 from runner.app.run import gc_root_dir, open_hive, progress, select
 from runner.deploy.exec import ExecOutcome, run_everywhere
-from runner.deploy.pipeline import DeploySettings, Goal, deploy
+from runner.deploy.pipeline import DeploySettings, deploy
 from runner.errors import UsageError
+from runner.goals import Goal
 from runner.hosts.local import LocalHost
 from runner.results import NodeResult
 

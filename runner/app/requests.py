@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.build import BuildSettings
-from runner.deploy.pipeline import DeploySettings, Goal, HostFactory
+from runner.deploy.pipeline import DeploySettings, HostFactory
 from runner.errors import UsageError
 from runner.evaluate import EvalSettings
 from runner.gitops.plan import DEFAULT_IGNORE
+from runner.goals import Goal
 from runner.hosts.ssh import SshSettings
 from runner.nix import NixFlags
 

@@ -15,13 +15,14 @@ from pathlib import Path
 from runner import interrupt
 from runner.app.requests import ApplyRequest, HiveRef, Reports, View
 from runner.build import BuildSettings, evaluate_and_build
-from runner.deploy.pipeline import Goal, deploy, goal_stages
+from runner.deploy.pipeline import deploy, goal_stages
 from runner.errors import EXIT_NODES_FAILED, HiveError, UsageError, WaggleError
 from runner.evaluate import EvalRun
 from runner.events import Recorder, Sink
 from runner.gitinfo import head_commit
 from runner.gitops.changed import ChangeSelection, select_changed
 from runner.gitops.plan import hive_path_of
+from runner.goals import Goal
 from runner.hive.discovery import locate
 from runner.hive.hive import Hive
 from runner.hive.model import NodeConfig

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from runner.app.requests import HiveRef, Reports, WatchRequest
 from runner.app.run import apply
-from runner.deploy.pipeline import Goal
 from runner.errors import UsageError
 from runner.gitops.changes import GitError, open_repo
 from runner.gitops.watch import WatchResult, WatchSettings, watch
+from runner.goals import Goal
 from runner.hive.discovery import locate
 from runner.results import RunSummary
 

@@ -18,10 +18,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from enum import Enum
 from pathlib import Path
-
-from typing_extensions import override
 
 from runner.build import BuildRun, BuildSettings, evaluate_and_build
 from runner.deploy import activation, keys
@@ -29,37 +26,12 @@ from runner.deploy.push import push_closure
 from runner.errors import WaggleError, failure_text
 from runner.evaluate import EvalSettings
 from runner.events import Emitter, Sink, discard
+from runner.goals import Goal
 from runner.hive.hive import Hive
 from runner.hive.model import NodeConfig
 from runner.hosts import Host
 from runner.hosts.ssh import SshSettings, ssh_host_for
 from runner.results import NodeResult, Stage, StageResult, Status
-
-
-class Goal(Enum):
-    BUILD = "build"
-    PUSH = "push"
-    SWITCH = "switch"
-    BOOT = "boot"
-    TEST = "test"
-    DRY_ACTIVATE = "dry-activate"
-    UPLOAD_KEYS = "upload-keys"
-
-    @override
-    def __str__(self) -> str:
-        return self.value
-
-    @property
-    def sets_profile(self) -> bool:
-        return self in (Goal.SWITCH, Goal.BOOT)
-
-    @property
-    def activates(self) -> bool:
-        return self in (Goal.SWITCH, Goal.BOOT, Goal.TEST, Goal.DRY_ACTIVATE)
-
-    @property
-    def needs_host(self) -> bool:
-        return self is not Goal.BUILD
 
 
 def goal_stages(goal: Goal, *, reboot: bool = False, keys: bool = True) -> tuple[Stage, ...]:
