@@ -42,15 +42,7 @@ from runner.results import RunSummary
 
 log = logging.getLogger("waggle")
 
-EPILOG = """\
-exit codes:
-  0    everything asked for succeeded (or nothing needed doing)
-  1    one or more nodes failed; the others still ran
-  2    usage or hive error before any node ran (bad flag, bad --on,
-       hive not found or does not evaluate, nix missing)
-  130  interrupted (SIGINT, Ctrl-C)
-  143  terminated (SIGTERM, e.g. a cancelled CI job); reports are still written
-"""
+EPILOG = errors.EXIT_CODES_HELP
 
 
 Namespace = argparse.Namespace
@@ -169,12 +161,22 @@ def _deploy_options(p: argparse.ArgumentParser) -> None:
         ("--push-timeout", 3600.0, "one node's closure push"),
         ("--activation-timeout", 600.0, "one node's activation"),
         ("--reboot-timeout", 600.0, "the wait for a rebooted node"),
+        ("--confirm-timeout", 30.0, "the confirmation; unconfirmed hosts roll back"),
+        ("--lock-timeout", 60.0, "the wait for a host another run holds"),
     ):
         p.add_argument(flag, type=float, default=default, metavar="SECONDS",
                        help=f"timeout of {what} (default {default:g})")  # fmt: skip
     p.add_argument("--reboot", action="store_true",
                    help="reboot after activation and wait for the node (default goal: boot)")  # fmt: skip
     p.add_argument("--no-keys", action="store_true", help="do not upload deployment.keys")
+    p.add_argument("--no-rollback", action="store_true", help="switch/test: no magic rollback")
+    p.add_argument("--no-health-checks", action="store_true", help="skip deployment.healthChecks")
+    p.add_argument("--waves", metavar="N|P%,...", help="deploy in waves reaching N nodes or P%% "
+                   "of them by each wave's end, e.g. 1,10%%,100%% (canary nodes first)")  # fmt: skip
+    p.add_argument("--max-failures", metavar="N|P%", help="failed nodes a wave may have before "
+                   "later waves are not started (default 0)")  # fmt: skip
+    p.add_argument("--wave-order", metavar="@TAG,...", help="order of nodes into waves by tag "
+                   "(default: nodes tagged canary first, then by name)")  # fmt: skip
     p.add_argument("--no-substitute", "--no-substitutes", dest="no_substitute",
                    action="store_true", help="do not let hosts substitute missing paths")  # fmt: skip
     p.add_argument("--build-on-target", action="store_true", default=None,
@@ -362,23 +364,23 @@ def _deploy_settings(ns: Namespace, goal: Goal) -> DeploySettings:
     parallel = 10 if ns.parallel is None else ns.parallel
     if parallel < 0:
         raise errors.UsageError("--parallel must not be negative")
-    for flag in ("push_timeout", "activation_timeout", "reboot_timeout"):
+    timeouts = ("push_timeout", "activation_timeout", "reboot_timeout", "confirm_timeout")
+    for flag in (*timeouts, "lock_timeout"):
         if getattr(ns, flag) <= 0:
             raise errors.UsageError(f"--{flag.replace('_', '-')} must be more than zero")
-    return DeploySettings(
-        goal=goal,
-        parallel=parallel,
-        push_timeout=ns.push_timeout,
-        activation_timeout=ns.activation_timeout,
-        reboot=ns.reboot,
-        reboot_timeout=ns.reboot_timeout,
-        keys=not ns.no_keys,
-        substitute=not ns.no_substitute,
-        force=ns.force,
-        force_replace_unknown_profiles=ns.force_replace_unknown_profiles,
-        build_on_target=ns.build_on_target,
-        ssh=_ssh_settings(ns),
-    )
+    same = ("push_timeout", "activation_timeout", "reboot", "reboot_timeout", "force",
+            "force_replace_unknown_profiles", "build_on_target", "confirm_timeout",
+            "lock_timeout")  # fmt: skip
+    return DeploySettings(goal=goal, parallel=parallel, ssh=_ssh_settings(ns),
+                          keys=not ns.no_keys, substitute=not ns.no_substitute,
+                          rollback=not ns.no_rollback, health_checks=not ns.no_health_checks,
+                          waves=_split(ns.waves), max_failures=ns.max_failures or "0",
+                          wave_order=_split(ns.wave_order),
+                          **{name: getattr(ns, name) for name in same})  # fmt: skip
+
+
+def _split(text: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",")) if text else ()
 
 
 def _reports(ns: Namespace) -> tuple[rq.Reports, str | None]:

@@ -15,6 +15,17 @@ EXIT_NODES_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
+EXIT_CODES_HELP = """\
+exit codes:
+  0    everything asked for succeeded (or nothing needed doing)
+  1    one or more nodes failed; the others still ran
+  2    usage or hive error before any node ran (bad flag, bad --on,
+       hive not found or does not evaluate, nix missing)
+  130  interrupted (SIGINT, Ctrl-C)
+  143  terminated (SIGTERM, e.g. a cancelled CI job); reports are still written
+"""
+"""What `waggle --help` says about exit codes (143 is 128 + SIGTERM, see runner.interrupt)."""
+
 
 class WaggleError(Exception):
     """Root of every error Waggle raises on purpose."""

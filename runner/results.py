@@ -12,9 +12,11 @@ class Stage(StrEnum):
     PUSH = "push"
     KEYS = "keys"  # pre-activation keys (all keys for upload-keys)
     ACTIVATE = "activate"
-    CONFIRM = "confirm"  # reboot and check the running system
+    REBOOT = "reboot"  # reboot and check the running system
+    CONFIRM = "confirm"  # the host confirmed over a new connection (magic rollback)
     POST_KEYS = "post-keys"  # post-activation keys
-    HEALTH = "health"
+    HEALTH = "health"  # health checks after activation, before the confirmation
+    ROLLBACK = "rollback"  # the host went back to the system it ran before
 
 
 class Status(StrEnum):
@@ -45,6 +47,12 @@ class NodeResult:
     drv_path: str | None = None
     out_path: str | None = None
     reason: str = ""  # why the node is in the run: "changed", "added", "drift: ..."
+    wave: int | None = None  # the rollout wave (1, 2, ...) with --waves; None without
+
+    @property
+    def rolled_back(self) -> bool:
+        """The host went back to the system it ran before this run (it is failed, too)."""
+        return any(s.stage is Stage.ROLLBACK and s.status is Status.OK for s in self.stages)
 
     @property
     def ok(self) -> bool:

@@ -22,7 +22,7 @@ def test_goal_stages():
         Stage.ACTIVATE,
         Stage.POST_KEYS,
     )
-    assert Stage.CONFIRM in goal_stages(Goal.BOOT, reboot=True)
+    assert Stage.REBOOT in goal_stages(Goal.BOOT, reboot=True)
     assert Stage.KEYS not in goal_stages(Goal.SWITCH, keys=False)
     assert goal_stages(Goal.UPLOAD_KEYS) == (Stage.KEYS,)
     assert {str(g) for g in Goal} == {

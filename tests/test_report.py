@@ -298,9 +298,9 @@ def test_junit_unique_pairs_with_duplicates():
 
 
 def test_junit_extra_stage_and_no_commit():
-    node = NodeResult("a", (ok(Stage.ACTIVATE), ok(Stage.CONFIRM, 60.0, "rebooted")))
+    node = NodeResult("a", (ok(Stage.ACTIVATE), ok(Stage.REBOOT, 60.0, "rebooted")))
     xml = junit_xml(fleet(nodes=(node,), stages=(Stage.ACTIVATE,), commit=None))
-    assert {c for c, _ in by_pair(xml)} == {"waggle.activate", "waggle.confirm", "waggle.selection"}
+    assert {c for c, _ in by_pair(xml)} == {"waggle.activate", "waggle.reboot", "waggle.selection"}
     assert "commit" not in {p.attrib["name"] for p in ET.fromstring(xml).iter("property")}
 
 

@@ -48,7 +48,7 @@ def goal_stages(goal: Goal, *, reboot: bool = False, keys: bool = True) -> tuple
         stages.append(Stage.KEYS)
     stages.append(Stage.ACTIVATE)
     if reboot:
-        stages.append(Stage.CONFIRM)
+        stages.append(Stage.REBOOT)
     if keys:
         stages.append(Stage.POST_KEYS)
     return tuple(stages)
@@ -70,6 +70,14 @@ class DeploySettings:
     build_on_target: bool | None = None  # None: per node, from deployment.buildOnTarget
     ssh: SshSettings = field(default_factory=SshSettings)
     base_dir: Path | None = None  # where relative keyFile paths are read from
+    # Safe rollouts: magic rollback, health checks, host locks, waves.
+    rollback: bool = True  # switch/test: the host goes back unless confirmed in time
+    confirm_timeout: float = 30.0  # seconds from activation's end to the confirmation
+    health_checks: bool = True  # run deployment.healthChecks before confirming
+    lock_timeout: float = 60.0  # how long to wait for another run's lock on a host
+    waves: tuple[str, ...] = ()  # cumulative wave sizes: "1", "10%", "100%"; () = one wave
+    max_failures: str = "0"  # failed nodes a wave may have before the next is not started
+    wave_order: tuple[str, ...] = ()  # @tag globs ordering the nodes into waves
 
 
 HostFactory = Callable[[NodeConfig], Host]
@@ -212,7 +220,7 @@ class _Pipeline:
             return
         await self.stage(Stage.ACTIVATE, lambda: self.switch(toplevel))
         if settings.reboot:
-            await self.stage(Stage.CONFIRM, lambda: self.reboot(toplevel))
+            await self.stage(Stage.REBOOT, lambda: self.reboot(toplevel))
 
     async def switch(self, toplevel: str) -> str:
         goal = self.settings.goal

@@ -36,8 +36,10 @@ START_TEXT: dict[Stage, str] = {
     Stage.PUSH: "pushing system closure",
     Stage.KEYS: "uploading keys",
     Stage.ACTIVATE: "activating",
-    Stage.CONFIRM: "rebooting",
+    Stage.REBOOT: "rebooting",
     Stage.HEALTH: "checking health",
+    Stage.CONFIRM: "confirming over a new connection",
+    Stage.ROLLBACK: "rolling back",
 }
 
 

@@ -46,7 +46,11 @@ def deployed_lines(results: Sequence[NodeResult]) -> list[str]:
             lines.append(f"{r.name}\t{skipped.message or 'skipped'}\t{r.out_path or ''}")
             continue
         main = next(
-            (st for st in reversed(r.stages) if st.stage in (Stage.ACTIVATE, Stage.CONFIRM)),
+            (
+                st
+                for st in reversed(r.stages)
+                if st.stage in (Stage.ACTIVATE, Stage.REBOOT, Stage.CONFIRM)
+            ),
             r.stages[-1] if r.stages else None,
         )
         lines.append(f"{r.name}\tok\t{main.message if main else ''}")
