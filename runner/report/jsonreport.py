@@ -103,6 +103,8 @@ class NodeJson(TypedDict):
     drv_path: str | None
     out_path: str | None
     reason: str
+    wave: int | None
+    rolled_back: bool
     stages: list[StageJson]
 
 
@@ -150,6 +152,8 @@ def _node(node: NodeResult) -> NodeJson:
         "drv_path": _optional(node.drv_path),
         "out_path": _optional(node.out_path),
         "reason": clean_text(node.reason),
+        "wave": node.wave,
+        "rolled_back": node.rolled_back,
         "stages": [_stage(s) for s in node.stages],
     }
 
