@@ -48,6 +48,9 @@ class NodeResult:
     out_path: str | None = None
     reason: str = ""  # why the node is in the run: "changed", "added", "drift: ..."
     wave: int | None = None  # the rollout wave (1, 2, ...) with --waves; None without
+    # Its wave never started (an earlier one spent the failure budget): the node is
+    # skipped ("not reached: ..."), yet the run is not ok.
+    not_reached: bool = False
 
     @property
     def rolled_back(self) -> bool:
@@ -82,5 +85,10 @@ class RunSummary:
         return tuple(n for n in self.nodes if not n.ok)
 
     @property
+    def not_reached(self) -> tuple[NodeResult, ...]:
+        """Nodes of waves that never started: skipped, not failed, but the run failed."""
+        return tuple(n for n in self.nodes if n.not_reached)
+
+    @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and not self.not_reached

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from runner.build import BuildRun, BuildSettings, evaluate_and_build
-from runner.deploy import activation, keys
+from runner.deploy import activation, keys, waves
 from runner.deploy.push import push_closure
 from runner.errors import WaggleError, failure_text
 from runner.evaluate import EvalSettings
@@ -78,6 +78,9 @@ class DeploySettings:
     waves: tuple[str, ...] = ()  # cumulative wave sizes: "1", "10%", "100%"; () = one wave
     max_failures: str = "0"  # failed nodes a wave may have before the next is not started
     wave_order: tuple[str, ...] = ()  # @tag globs ordering the nodes into waves
+
+    def __post_init__(self) -> None:
+        waves.Rollout.parse(self.waves, self.max_failures, self.wave_order)  # UsageError
 
 
 HostFactory = Callable[[NodeConfig], Host]
@@ -371,11 +374,22 @@ async def deploy(
     skipped = _no_target_host(names, configs, needs_host, emit) if require_target_host else []
     left_out = {r.name for r in skipped}
     reachable = [n for n in names if n not in left_out]
+    # --waves: only the host work is gated; a node's outcome reaches the gate as its
+    # node-end event, so eval and build failures count in their wave too.
+    tags = {n: configs[n].tags for n in reachable}
+    gate = waves.gate_for(settings, [n for n in reachable if n in needs_host], tags, emit)
+    if gate is not None:
+        emit = Emitter(gate.watch(emit.sink))
     opened: dict[str, Host] = {}
 
     async def then(built: NodeResult) -> NodeResult:
         if built.name not in needs_host:
             return built
+        if gate is not None:
+            held = await gate.enter(built.name)
+            if held is not None:
+                first = Stage.BUILD if built.name in on_target else _first_stage(goal)
+                return gate.held_back(built, first, held)
         config = configs[built.name]
         try:
             host = opened[built.name] = make_host(config)
@@ -415,4 +429,10 @@ async def deploy(
         for host in opened.values():
             await _close(host)
     by_name = {r.name: r for r in [*results, *skipped]}
+    if gate is not None:
+        by_name = {n: replace(r, wave=gate.wave_of(n)) for n, r in by_name.items()}
     return DeployRun(tuple(by_name[n] for n in names), run)
+
+
+def _first_stage(goal: Goal) -> Stage:
+    return Stage.KEYS if goal is Goal.UPLOAD_KEYS else Stage.PUSH

@@ -41,10 +41,13 @@ def node_status(node: NodeResult) -> NodeStatus:
     """The status shown for a node in every report.
 
     failed: a stage failed; unchanged: the activate stage was skipped as "unchanged";
-    skipped: the node has only skipped stages (or none); ok: otherwise.
+    skipped: the node has only skipped stages (or none), or its wave never started
+    (`not_reached`); ok: otherwise.
     """
     if any(s.status is Status.FAILED for s in node.stages):
         return "failed"
+    if node.not_reached:
+        return "skipped"
     activate = stage_result(node, Stage.ACTIVATE)
     if (
         activate is not None
@@ -108,8 +111,12 @@ def stage_result(node: NodeResult, stage: Stage) -> StageResult | None:
 
 
 def not_reached_reason(node: NodeResult, stage: Stage, stages: Sequence[Stage]) -> str:
-    """Why `node` has no result for `stage`: "earlier stage failed: <stage>" or "not run"."""
+    """Why `node` has no result for `stage`: "earlier stage failed: <stage>", the reason its
+    wave never started ("not reached: wave 1 exceeded the failure budget (1 failed)"), or
+    "not run"."""
     failure = node.failure
+    if failure is None and node.not_reached:
+        return next((s.message for s in node.stages if s.status is Status.SKIPPED), "not reached")
     if failure is None:
         return "not run"
     if (

@@ -24,7 +24,9 @@ Layout:
     </details>
 
 Failed nodes come first in the table and have a section each; the other nodes follow in
-selection order. A stage cell holds its duration ("❌ 4.1 s" if it failed), "skipped (reason)"
+selection order. With `--waves` the table has a Wave column and is grouped by wave (failed
+nodes first within each), and a note above it gives each wave's counts and why later waves
+were not reached ("Wave 1 exceeded the failure budget (1 failed): 5 nodes not reached"). A stage cell holds its duration ("❌ 4.1 s" if it failed), "skipped (reason)"
 or "—" if the node never got there. "Pushed" appears when the run pushes (facts `paths_sent`, `paths_total`,
 `bytes_sent` of the push stage), "Closure" when a stage has a non-zero `closure_bytes` fact.
 
@@ -204,6 +206,8 @@ def _stage_cell(node: NodeResult, stage: Stage) -> str:
         return "—"
     if result.status is Status.FAILED:
         return f"❌ {human_seconds(result.seconds)}"
+    if result.status is Status.SKIPPED and node.not_reached:
+        return "not reached"  # the wave note above the table says why
     if result.status is Status.SKIPPED:
         reason = escape(result.message, 40)
         return f"skipped ({reason})" if reason else "skipped"
@@ -242,8 +246,9 @@ def _table(summary: RunSummary, nodes: Sequence[NodeResult]) -> list[str]:
     stages = report_stages(summary)
     pushed = Stage.PUSH in stages
     closure = any(_closure_bytes(n) is not None for n in summary.nodes)
-    head = ["Node", "Status", *(str(s) for s in stages)]
-    align = [":---", ":---", *("---:" for _ in stages)]
+    waves = _has_waves(summary)
+    head = ["Node", *(["Wave"] if waves else []), "Status", *(str(s) for s in stages)]
+    align = [":---", *(["---:"] if waves else []), ":---", *("---:" for _ in stages)]
     if pushed:
         head.append("Pushed")
         align.append("---:")
@@ -255,7 +260,9 @@ def _table(summary: RunSummary, nodes: Sequence[NodeResult]) -> list[str]:
         status = node_status(node)
         name = escape(node.name, 200)
         why = f" ({escape(node.reason, 80)})" if node.reason else ""
-        cells = [f"**{name}**" if status == "failed" else name, f"{_ICON[status]} {status}{why}"]
+        cells = [f"**{name}**" if status == "failed" else name]
+        cells += [str(node.wave) if node.wave is not None else "—"] if waves else []
+        cells.append(f"{_ICON[status]} {status}{why}")
         cells += [_stage_cell(node, s) for s in stages]
         if pushed:
             cells.append(_pushed_cell(node))
@@ -264,6 +271,34 @@ def _table(summary: RunSummary, nodes: Sequence[NodeResult]) -> list[str]:
             cells.append(human_bytes(size) if size is not None else "—")
         lines.append(_row(cells))
     return lines
+
+
+def _has_waves(summary: RunSummary) -> bool:
+    return any(n.wave is not None for n in summary.nodes)
+
+
+def _waves_note(summary: RunSummary) -> list[str]:
+    """With --waves: the waves' sizes, and why the later ones never started."""
+    if not _has_waves(summary):
+        return []
+    numbers = sorted({n.wave for n in summary.nodes if n.wave is not None})
+    parts = []
+    for k in numbers:
+        members = [n for n in summary.nodes if n.wave == k]
+        failed = sum(node_status(n) == "failed" for n in members)
+        held = sum(n.not_reached for n in members)
+        state = f"{failed} failed" + (f", {held} not reached" if held else "")
+        state = "not reached" if held == len(members) else state
+        parts.append(f"wave {k}: {_nodes(len(members))}, {state}")
+    lines = [f"Waves: {'; '.join(parts)}."]
+    reasons: dict[str, int] = {}
+    for node in summary.not_reached:
+        why = next((s.message for s in node.stages if s.status is Status.SKIPPED), "")
+        why = why.removeprefix("not reached: ") or "an earlier wave failed"
+        reasons[why] = reasons.get(why, 0) + 1
+    for why, count in reasons.items():
+        lines.append(f"**{escape(why[:1].upper() + why[1:], 300)}: {_nodes(count)} not reached.**")
+    return ["\n\n".join(lines), ""]
 
 
 def _row(cells: Sequence[str]) -> str:
@@ -277,7 +312,8 @@ class _Report:
         self.summary = summary
         self.limit = limit
         # failed nodes first, then the others; selection order within each
-        self.nodes = sorted(summary.nodes, key=lambda n: node_status(n) != "failed")
+        # by wave (with --waves), failed nodes first within each; then selection order
+        self.nodes = sorted(summary.nodes, key=lambda n: (n.wave or 0, node_status(n) != "failed"))
         self.failed = [n for n in self.nodes if node_status(n) == "failed"]
         self._tails: dict[int, tuple[list[str], int]] = {}
 
@@ -295,7 +331,7 @@ class _Report:
     def render(self, shape: _Shape) -> str:
         summary, nodes, failed = self.summary, self.nodes, self.failed
         shown = nodes if shape.rows is None else nodes[: shape.rows]
-        out = [_headline(summary), "", _context(summary), ""]
+        out = [_headline(summary), "", _context(summary), "", *_waves_note(summary)]
         if nodes:
             out += [*_table(summary, shown), ""]
         budget = human_bytes(self.limit or 0)
