@@ -99,7 +99,9 @@ def host_stage_start(node: dict[str, Any]) -> float:
 
 
 def node_end(node: dict[str, Any]) -> float:
-    return max(when(s["started_at"]) + s["seconds"] for s in node["stages"] if s["started_at"])
+    return max(
+        when(s["started_at"]) + float(s["seconds"]) for s in node["stages"] if s["started_at"]
+    )
 
 
 def junit_skips(directory: Path, node: str) -> dict[str, str]:
