@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -13,6 +16,9 @@ from runner.errors import HiveError
 
 _UNIX_NAME = re.compile(r"^[a-z_][-a-z0-9_]*\$?$")
 _PERMISSIONS = re.compile(r"^[0-7]{3,4}$")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")  # or an IPv4 address
+_URL_PATH = re.compile(r"/[^\s\x00-\x1f\x7f#]*")
 
 
 class UploadAt(StrEnum):
@@ -55,6 +61,61 @@ class Key:
 
 
 @dataclass(frozen=True)
+class CmdCheck:
+    """`deployment.healthChecks.cmd` entry: argv run on the node; exit status 0 passes."""
+
+    description: str
+    cmd: tuple[str, ...]
+    period: float = 2  # seconds between tries
+    timeout: float = 5  # seconds the check may take in all to pass
+
+
+@dataclass(frozen=True)
+class HttpCheck:
+    """`deployment.healthChecks.http` entry: a GET from the deployer; a 2xx answer passes."""
+
+    description: str
+    port: int
+    scheme: str = "http"
+    host: str | None = None  # None: the node's targetHost
+    path: str = "/"
+    headers: tuple[tuple[str, str], ...] = ()
+    period: float = 2
+    timeout: float = 5
+    insecure_ssl: bool = False
+
+    def url(self, default_host: str) -> str:
+        """The URL asked, with `default_host` when `host` is None (an IPv6 address bracketed)."""
+        host = self.host if self.host is not None else default_host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{self.scheme}://{host}:{self.port}{self.path}"
+
+
+@dataclass(frozen=True)
+class HealthChecks:
+    """A node's `deployment.healthChecks`; false (and `empty`) when it has none."""
+
+    cmd: tuple[CmdCheck, ...] = ()
+    http: tuple[HttpCheck, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not self.cmd and not self.http
+
+    def __bool__(self) -> bool:
+        return not self.empty
+
+    def __len__(self) -> int:
+        return len(self.cmd) + len(self.http)
+
+    def __iter__(self) -> Iterator[CmdCheck | HttpCheck]:
+        """Every check, cmd checks first, each list in the hive's order."""
+        yield from self.cmd
+        yield from self.http
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """A node's `deployment.*` settings."""
 
@@ -69,6 +130,7 @@ class NodeConfig:
     replace_unknown_profiles: bool
     privilege_escalation_command: tuple[str, ...]
     ssh_options: tuple[str, ...]
+    health_checks: HealthChecks = HealthChecks()
 
     @classmethod
     def from_json(cls, name: str, data: dict[str, Any]) -> NodeConfig:
@@ -93,6 +155,7 @@ class NodeConfig:
                     data.get("privilegeEscalationCommand", ("sudo", "-H", "--"))
                 ),
                 ssh_options=tuple(data.get("sshOptions", ())),
+                health_checks=_health_checks(name, data.get("healthChecks")),
             )
         except (TypeError, ValueError, AttributeError) as e:
             raise HiveError(f"{where}: unreadable deployment settings: {e}") from e
@@ -164,6 +227,119 @@ def _key(node: str, attr: str, data: dict[str, Any]) -> Key:
         group=group,
         permissions=permissions,
         upload_at=upload_at,
+    )
+
+
+def _health_checks(node: str, data: object) -> HealthChecks:
+    where = f"node {node}: deployment.healthChecks"
+    if data is None:
+        return HealthChecks()
+    if not isinstance(data, dict):
+        raise HiveError(f"{where} must be an attribute set with cmd and http lists")
+    unknown = sorted(set(data) - {"cmd", "http"})
+    if unknown:
+        raise HiveError(f"{where}: unknown option {unknown[0]} (there are cmd and http)")
+    cmd, http = data.get("cmd") or [], data.get("http") or []
+    for kind, entries in (("cmd", cmd), ("http", http)):
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise HiveError(f"{where}.{kind} must be a list of attribute sets")
+    return HealthChecks(
+        cmd=tuple(_cmd_check(f"{where}.cmd[{i}]", e) for i, e in enumerate(cmd)),
+        http=tuple(_http_check(f"{where}.http[{i}]", e) for i, e in enumerate(http)),
+    )
+
+
+def _is_host(host: str) -> bool:
+    """A host name, an IPv4 address or an IPv6 address (bare or in brackets)."""
+    if _HOST_NAME.fullmatch(host):
+        return True
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        return ipaddress.ip_address(bare).version == 6
+    except ValueError:
+        return False
+
+
+def _check_description(where: str, data: dict[str, Any], allowed: set[str]) -> tuple[str, str]:
+    """(the check's description, `where` with it) after refusing unknown attributes."""
+    description = data.get("description")
+    if not isinstance(description, str) or not description.strip():
+        raise HiveError(f"{where}: description must be a non-empty string")
+    described = f"{where} ({' '.join(description.split())!r})"
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise HiveError(f"{described}: unknown option {unknown[0]}")
+    return description, described
+
+
+def _seconds(where: str, data: dict[str, Any], option: str, default: float) -> float:
+    value = data.get(option, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise HiveError(f"{where}: {option} must be a number of seconds, not {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise HiveError(f"{where}: {option} must be more than 0 seconds, not {value!r}")
+    return float(value)
+
+
+def _cmd_check(where: str, data: dict[str, Any]) -> CmdCheck:
+    description, where = _check_description(
+        where, data, {"description", "cmd", "period", "timeout"}
+    )
+    cmd = data.get("cmd")
+    if not isinstance(cmd, list) or not cmd or not all(isinstance(a, str) for a in cmd):
+        raise HiveError(f"{where}: cmd must be a non-empty list of strings")
+    if not cmd[0]:
+        raise HiveError(f"{where}: cmd must start with a program, not an empty string")
+    return CmdCheck(
+        description=description,
+        cmd=tuple(cmd),
+        period=_seconds(where, data, "period", 2),
+        timeout=_seconds(where, data, "timeout", 5),
+    )
+
+
+def _http_check(where: str, data: dict[str, Any]) -> HttpCheck:
+    description, where = _check_description(
+        where,
+        data,
+        {"description", "scheme", "host", "port", "path", "headers"}
+        | {"period", "timeout", "insecureSSL"},
+    )
+    scheme = data.get("scheme", "http")
+    if scheme not in ("http", "https"):
+        raise HiveError(f"{where}: scheme must be http or https, not {scheme!r}")
+    host = data.get("host")
+    if host is not None and (not isinstance(host, str) or not _is_host(host)):
+        raise HiveError(f"{where}: host {host!r} is not a host name or address")
+    port = data.get("port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise HiveError(f"{where}: port must be a number from 1 to 65535, not {port!r}")
+    path = data.get("path", "/")
+    if not isinstance(path, str) or not _URL_PATH.fullmatch(path):
+        raise HiveError(
+            f"{where}: path {path!r} must start with / and hold no spaces or control characters"
+        )
+    headers = data.get("headers") or {}
+    if not isinstance(headers, dict):
+        raise HiveError(f"{where}: headers must be an attribute set of strings")
+    for key, value in headers.items():
+        if not isinstance(key, str) or not _HEADER_NAME.fullmatch(key):
+            raise HiveError(f"{where}: headers: {key!r} is not a valid header name")
+        if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
+            raise HiveError(f"{where}: headers.{key} must be one line of text")
+    insecure = data.get("insecureSSL", False)
+    if not isinstance(insecure, bool):
+        raise HiveError(f"{where}: insecureSSL must be true or false, not {insecure!r}")
+    return HttpCheck(
+        description=description,
+        port=port,
+        scheme=scheme,
+        host=host,
+        path=path,
+        headers=tuple(sorted(headers.items())),
+        period=_seconds(where, data, "period", 2),
+        timeout=_seconds(where, data, "timeout", 5),
+        insecure_ssl=insecure,
     )
 
 

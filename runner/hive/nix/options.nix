@@ -61,6 +61,74 @@ let
       };
     };
   });
+
+  # Health checks in morph's format (morph's names and defaults), so that a
+  # morph hive's `deployment.healthChecks` carries over unchanged.
+  periodOption = mkOption {
+    description = "Seconds between two tries of the check.";
+    type = types.numbers.positive;
+    default = 2;
+  };
+  timeoutOption = mkOption {
+    description = "Seconds the check may take in all to pass (tries included) before it fails.";
+    type = types.numbers.positive;
+    default = 5;
+  };
+
+  cmdCheckType = types.submodule {
+    options = {
+      description = mkOption {
+        description = "What the check checks, as reports name it.";
+        type = types.str;
+      };
+      cmd = mkOption {
+        description = "The command (argv list) run on the node as root; exit status 0 passes.";
+        type = types.nonEmptyListOf types.str;
+      };
+      period = periodOption;
+      timeout = timeoutOption;
+    };
+  };
+
+  httpCheckType = types.submodule {
+    options = {
+      description = mkOption {
+        description = "What the check checks, as reports name it.";
+        type = types.str;
+      };
+      scheme = mkOption {
+        description = "http, or https (the certificate is verified unless insecureSSL).";
+        type = types.enum [ "http" "https" ];
+        default = "http";
+      };
+      host = mkOption {
+        description = "The host to ask; null means the node's targetHost.";
+        type = types.nullOr types.str;
+        default = null;
+      };
+      port = mkOption {
+        description = "The port to ask.";
+        type = types.ints.between 1 65535;
+      };
+      path = mkOption {
+        description = "The path of the GET request, starting with /.";
+        type = types.str;
+        default = "/";
+      };
+      headers = mkOption {
+        description = "Extra request headers (Host included).";
+        type = types.attrsOf types.str;
+        default = { };
+      };
+      period = periodOption;
+      timeout = timeoutOption;
+      insecureSSL = mkOption {
+        description = "Accept any certificate for https.";
+        type = types.bool;
+        default = false;
+      };
+    };
+  };
 in
 {
   metaOptions = { ... }: {
@@ -160,6 +228,18 @@ in
         description = "Extra ssh options for this node.";
         type = types.listOf types.str;
         default = [ ];
+      };
+      healthChecks = {
+        cmd = mkOption {
+          description = "Commands run on the node after activation, each retried every period seconds until it passes or its timeout is spent.";
+          type = types.listOf cmdCheckType;
+          default = [ ];
+        };
+        http = mkOption {
+          description = "HTTP GET requests from the deploying machine after activation; a 2xx answer passes, retried as cmd checks are.";
+          type = types.listOf httpCheckType;
+          default = [ ];
+        };
       };
     };
   };
