@@ -374,22 +374,15 @@ async def deploy(
     skipped = _no_target_host(names, configs, needs_host, emit) if require_target_host else []
     left_out = {r.name for r in skipped}
     reachable = [n for n in names if n not in left_out]
-    # --waves: only the host work is gated; a node's outcome reaches the gate as its
-    # node-end event, so eval and build failures count in their wave too.
-    tags = {n: configs[n].tags for n in reachable}
-    gate = waves.gate_for(settings, [n for n in reachable if n in needs_host], tags, emit)
-    if gate is not None:
-        emit = Emitter(gate.watch(emit.sink))
+    # --waves gate the host work; the gate sees every node-end event (eval/build failures too)
+    gate, emit = waves.gate_for(settings, [n for n in reachable if n in needs_host], configs, emit)
     opened: dict[str, Host] = {}
 
     async def then(built: NodeResult) -> NodeResult:
         if built.name not in needs_host:
             return built
-        if gate is not None:
-            held = await gate.enter(built.name)
-            if held is not None:
-                first = Stage.BUILD if built.name in on_target else _first_stage(goal)
-                return gate.held_back(built, first, held)
+        if gate is not None and (held := await gate.enter(built.name)) is not None:
+            return gate.held_back(built, _first_stage(goal, built.name in on_target), held)
         config = configs[built.name]
         try:
             host = opened[built.name] = make_host(config)
@@ -428,11 +421,12 @@ async def deploy(
     finally:
         for host in opened.values():
             await _close(host)
-    by_name = {r.name: r for r in [*results, *skipped]}
-    if gate is not None:
-        by_name = {n: replace(r, wave=gate.wave_of(n)) for n, r in by_name.items()}
+    by_name = {r.name: gate.mark(r) if gate else r for r in [*results, *skipped]}
     return DeployRun(tuple(by_name[n] for n in names), run)
 
 
-def _first_stage(goal: Goal) -> Stage:
+def _first_stage(goal: Goal, on_target: bool) -> Stage:
+    """The first stage of a node's host work."""
+    if on_target:
+        return Stage.BUILD
     return Stage.KEYS if goal is Goal.UPLOAD_KEYS else Stage.PUSH

@@ -38,6 +38,7 @@ from typing import Protocol, TypeVar
 
 from runner.errors import UsageError
 from runner.events import Emitter, Event, EventKind, Sink
+from runner.hive.model import NodeConfig
 from runner.hive.selection import Rule
 from runner.results import NodeResult, Stage, StageResult, Status
 
@@ -271,6 +272,10 @@ class WaveGate:
         self._outcome[name] = ok
         self._advance()
 
+    def mark(self, result: NodeResult) -> NodeResult:
+        """`result` with its wave number (None for nodes in no wave)."""
+        return replace(result, wave=self.wave_of(result.name))
+
     def held_back(self, built: NodeResult, stage: Stage, reason: str) -> NodeResult:
         """The result of a node whose wave never started: `stage` (its first host stage)
         skipped with the reason; `not_reached` makes the run fail."""
@@ -330,14 +335,17 @@ class WaveSettings(Protocol):
 def gate_for(
     settings: WaveSettings,
     names: Sequence[str],
-    tags: Mapping[str, Sequence[str]],
+    configs: Mapping[str, NodeConfig],
     emit: Emitter,
-) -> WaveGate | None:
-    """The gate for the nodes `names` (those going to their hosts); None without waves."""
+) -> tuple[WaveGate | None, Emitter]:
+    """The gate for the nodes `names` (those going to their hosts; None without waves), and
+    the emitter the run goes on with: it tells the gate each node's outcome."""
     rollout = Rollout.parse(settings.waves, settings.max_failures, settings.wave_order)
     if rollout is None:
-        return None
-    return WaveGate(rollout.split(names, tags), rollout.budget, emit)
+        return None, emit
+    tags = {n: configs[n].tags for n in names}
+    gate = WaveGate(rollout.split(names, tags), rollout.budget, emit)
+    return gate, Emitter(gate.watch(emit.sink))
 
 
 def _nodes(n: int) -> str:
