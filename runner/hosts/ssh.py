@@ -326,6 +326,7 @@ class SshHost:
     _jumps: list[asyncssh.SSHClientConnection] = field(default_factory=list)
     _snippet: str | None = None
     ignored_options: list[str] = field(default_factory=list)
+    _connecting: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
         self.name = self.target.node
@@ -473,6 +474,10 @@ class SshHost:
         return conn
 
     async def connect(self) -> asyncssh.SSHClientConnection:
+        async with self._connecting:  # one dial at a time (the host lock's channel runs beside)
+            return await self._connect()
+
+    async def _connect(self) -> asyncssh.SSHClientConnection:
         if self._conn is not None and not self._conn.is_closed():
             return self._conn
         await self._close_connections()
@@ -541,8 +546,9 @@ class SshHost:
         *,
         timeout: float | None = None,
         privileged: bool = True,
+        on_line: LineCallback | None = None,
     ) -> RemoteResult:
-        return await self._run(argv, chunks, timeout, privileged, None)
+        return await self._run(argv, chunks, timeout, privileged, on_line)
 
     async def _run(
         self,
@@ -581,15 +587,28 @@ class SshHost:
             readers = asyncio.gather(
                 pump_out(proc.stdout, out, True), pump_out(proc.stderr, err, False)
             )
+
+            async def feed(stdin: asyncssh.SSHWriter[bytes]) -> None:
+                try:
+                    async for chunk in chunks:
+                        stdin.write(chunk)
+                        await stdin.drain()
+                except (BrokenPipeError, ConnectionError, asyncssh.Error):
+                    pass
+                with contextlib.suppress(Exception):
+                    stdin.write_eof()
+
+            # Output ending (the command or the connection is gone) ends the feeding too: a
+            # feed that only sends now and then (the host lock's heartbeat) need not wait.
+            feeding = asyncio.ensure_future(feed(proc.stdin))
+            either: set[asyncio.Future[Any]] = {feeding, readers}
             try:
-                async for chunk in chunks:
-                    proc.stdin.write(chunk)
-                    await proc.stdin.drain()
-            except (BrokenPipeError, ConnectionError, asyncssh.Error):
-                pass
-            with contextlib.suppress(Exception):
-                proc.stdin.write_eof()
-            await readers
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                if feeding.done():
+                    feeding.result()  # the feed's own error, if any
+                    await readers
+            finally:
+                feeding.cancel()
             completed = await proc.wait()
             return completed.exit_status
 
@@ -613,10 +632,12 @@ class SshHost:
                 proc.close()
             return result(None, timed_out=True)
         except (asyncssh.Error, ConnectionError, OSError):
-            await self.close()
+            if self._conn is conn:  # not a newer connection another command opened meanwhile
+                await self.close()
             return result(None, lost=True)
         if code is None:  # asyncssh reports a cut connection as no exit status
-            await self.close()
+            if self._conn is conn:
+                await self.close()
             return result(None, lost=True)
         return result(code)
 
