@@ -22,6 +22,7 @@ from pathlib import Path
 
 from runner.build import BuildRun, BuildSettings, evaluate_and_build
 from runner.deploy import activation, keys, waves
+from runner.deploy.lock import RunIdentity, hold_lock
 from runner.deploy.push import push_closure
 from runner.errors import WaggleError, failure_text
 from runner.evaluate import EvalSettings
@@ -75,6 +76,7 @@ class DeploySettings:
     confirm_timeout: float = 30.0  # seconds from activation's end to the confirmation
     health_checks: bool = True  # run deployment.healthChecks before confirming
     lock_timeout: float = 60.0  # how long to wait for another run's lock on a host
+    run: RunIdentity | None = None  # the run in host locks (WAGGLE_RUN_ID); None: a new one
     waves: tuple[str, ...] = ()  # cumulative wave sizes: "1", "10%", "100%"; () = one wave
     max_failures: str = "0"  # failed nodes a wave may have before the next is not started
     wave_order: tuple[str, ...] = ()  # @tag globs ordering the nodes into waves
@@ -266,8 +268,16 @@ async def _deploy_node(
     (inside a stage or between stages) is a failed stage of this node, never an exception."""
     p = _Pipeline(config, settings, host, emit)
     p.current = Stage.KEYS if settings.goal is Goal.UPLOAD_KEYS else Stage.PUSH
+    # The host's lock, for all of this node's host work (runner/deploy/lock.py); not
+    # getting it is the first stage's failure.
+    lock = hold_lock(
+        host,
+        settings.run or RunIdentity.new(),
+        timeout=settings.lock_timeout,
+        on_wait=lambda line: emit.log(config.name, line, p.current),
+    )
     try:
-        async with permits:
+        async with permits, lock:
             await p.run(built)
     except _StageFailedError:
         pass
@@ -365,6 +375,8 @@ async def deploy(
     (then even the build goal goes to the host). Without a targetHost such a
     node is skipped, unless `require_target_host` is off (apply-local).
     """
+    if settings.run is None:  # one run id for every host of this run
+        settings = replace(settings, run=RunIdentity.new())
     emit = Emitter(events or discard)
     make_host = host_factory or (lambda c: ssh_host_for(c, settings.ssh))
     permits = asyncio.Semaphore(settings.parallel if settings.parallel > 0 else max(1, len(names)))
