@@ -164,7 +164,7 @@ def _deploy_options(p: argparse.ArgumentParser) -> None:
         ("--confirm-timeout", 30.0, "the confirmation; unconfirmed hosts roll back"),
         ("--lock-timeout", 60.0, "the wait for a host another run holds"),
     ):
-        p.add_argument(flag, type=float, default=default, metavar="SECONDS",
+        p.add_argument(flag, type=float, default=None, metavar="SECONDS",  # None: DeploySettings'
                        help=f"timeout of {what} (default {default:g})")  # fmt: skip
     p.add_argument("--reboot", action="store_true",
                    help="reboot after activation and wait for the node (default goal: boot)")  # fmt: skip
@@ -366,17 +366,16 @@ def _deploy_settings(ns: Namespace, goal: Goal) -> DeploySettings:
         raise errors.UsageError("--parallel must not be negative")
     timeouts = ("push_timeout", "activation_timeout", "reboot_timeout", "confirm_timeout")
     for flag in (*timeouts, "lock_timeout"):
-        if getattr(ns, flag) <= 0:
+        if getattr(ns, flag) is not None and getattr(ns, flag) <= 0:
             raise errors.UsageError(f"--{flag.replace('_', '-')} must be more than zero")
-    same = ("push_timeout", "activation_timeout", "reboot", "reboot_timeout", "force",
-            "force_replace_unknown_profiles", "build_on_target", "confirm_timeout",
-            "lock_timeout")  # fmt: skip
+    same = (*timeouts, "lock_timeout", "reboot", "force", "force_replace_unknown_profiles",
+            "build_on_target")  # fmt: skip
     return DeploySettings(goal=goal, parallel=parallel, ssh=_ssh_settings(ns),
                           keys=not ns.no_keys, substitute=not ns.no_substitute,
                           rollback=not ns.no_rollback, health_checks=not ns.no_health_checks,
                           waves=_split(ns.waves), max_failures=ns.max_failures or "0",
                           wave_order=_split(ns.wave_order),
-                          **{name: getattr(ns, name) for name in same})  # fmt: skip
+                          **{n: v for n in same if (v := getattr(ns, n)) is not None})  # fmt: skip
 
 
 def _split(text: str | None) -> tuple[str, ...]:
@@ -479,7 +478,9 @@ async def cmd_ci(ns: Namespace) -> int:
     request = rq.CiRequest(apply=replace(apply_request(ns, Goal.BUILD), changes=None),
                         ci_config=ns.ci_config, on=ns.on, reports=reports, comment=ns.comment,
                         cache_dir=ns.cache_dir, ignore=tuple(ns.ignore) if ns.ignore else None,
-                        parallel_given=ns.parallel is not None)  # fmt: skip
+                        parallel_given=ns.parallel is not None,
+                        max_failures_given=ns.max_failures is not None,
+                        confirm_timeout_given=ns.confirm_timeout is not None)  # fmt: skip
     printer = ci_app.CiPrinter(
         mode=lambda line: print(line, file=sys.stderr, flush=True),
         plan=print,

@@ -28,7 +28,7 @@ from runner.app.run import apply
 from runner.deploy.pipeline import DeploySettings
 from runner.errors import UsageError
 from runner.evaluate import EvalSettings
-from runner.gitops.config import CiConfig
+from runner.gitops.config import CiConfig, RolloutConfig
 from runner.gitops.watch import WatchResult
 from runner.goals import Goal
 from runner.hosts import LineCallback, RemoteResult
@@ -131,6 +131,34 @@ def test_ci_derives_its_run_request_from_the_flags_and_waggle_yaml():
     assert given.deploy.parallel == 10
     with_hive = ApplyRequest(hive=HiveRef(config="mine.nix", cwd=Path("/x")))
     assert ci_app.apply_request(CiRequest(apply=with_hive), config).hive.config == "mine.nix"
+
+
+def test_ci_takes_the_rollout_from_waggle_yaml_where_no_flag_was_given():
+    rollout = RolloutConfig(
+        waves=("1", "10%", "100%"), max_failures="2", confirm_timeout=45.0, health_checks=False
+    )
+    config = CiConfig(rollout=rollout)
+    deploy = ci_app.apply_request(CiRequest(apply=ApplyRequest()), config).deploy
+    assert (deploy.waves, deploy.max_failures, deploy.confirm_timeout) == (
+        ("1", "10%", "100%"),
+        "2",
+        45.0,
+    )
+    assert deploy.health_checks is False
+    # Flags win: --waves, --max-failures, --confirm-timeout given (even at their defaults).
+    flags = ApplyRequest(
+        deploy=DeploySettings(waves=("1", "100%"), max_failures="0", confirm_timeout=30.0)
+    )
+    given = CiRequest(apply=flags, max_failures_given=True, confirm_timeout_given=True)
+    deploy = ci_app.apply_request(given, config).deploy
+    assert (deploy.waves, deploy.max_failures, deploy.confirm_timeout) == (("1", "100%"), "0", 30.0)
+    # health_checks: true in the file cannot undo --no-health-checks
+    no_checks = ApplyRequest(deploy=DeploySettings(health_checks=False))
+    on = CiConfig(rollout=RolloutConfig(health_checks=True))
+    assert ci_app.apply_request(CiRequest(apply=no_checks), on).deploy.health_checks is False
+    # Nothing in the file: the flags' settings as they are.
+    plain = ci_app.apply_request(CiRequest(apply=flags), CiConfig()).deploy
+    assert plain == flags.deploy
 
 
 def test_ci_deploys_with_a_request_of_its_own(monkeypatch, tmp_path):

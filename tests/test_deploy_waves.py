@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import replace
 from fractions import Fraction
@@ -18,6 +19,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from runner import cli
+from runner.app import ci as ci_app
+from runner.app.requests import CiRequest
 from runner.build import BuildSettings
 from runner.deploy import waves
 from runner.deploy.pipeline import DeploySettings, deploy
@@ -420,3 +424,41 @@ def test_a_canary_that_fails_to_evaluate_stops_the_rollout_before_any_host(tmp_p
         assert result[name].not_reached and result[name].wave == 2
         assert result[name].stages[-1].message == REASON
         assert result[name].stages[-1].stage is Stage.PUSH
+
+
+# --- the command line: which rollout flags `waggle ci` was given -------------------------
+
+
+def test_ci_knows_which_rollout_flags_were_given(monkeypatch, tmp_path, capsys):
+    seen: list[CiRequest] = []
+
+    async def fake_run_ci(request, printer, environ=None):
+        seen.append(request)
+        return ci_app.CiOutcome("build", True)
+
+    monkeypatch.setattr(ci_app, "run_ci", fake_run_ci)
+    monkeypatch.chdir(tmp_path)
+    assert cli.run(["ci"]) == 0
+    assert (
+        cli.run(["ci", "--confirm-timeout", "30", "--max-failures", "0", "--waves", "1,100%"]) == 0
+    )
+    assert [(r.max_failures_given, r.confirm_timeout_given) for r in seen] == [
+        (False, False),
+        (True, True),
+    ]
+    defaults, flags = seen[0].apply.deploy, seen[1].apply.deploy
+    assert (flags.waves, flags.max_failures, flags.confirm_timeout) == (("1", "100%"), "0", 30.0)
+    # timeouts not given are DeploySettings' defaults, the numbers the help shows
+    with pytest.raises(SystemExit):
+        cli.run(["apply", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for flag, name in (
+        ("push", "push_timeout"),
+        ("activation", "activation_timeout"),
+        ("reboot", "reboot_timeout"),
+        ("confirm", "confirm_timeout"),
+        ("lock", "lock_timeout"),
+    ):
+        value = getattr(defaults, name)
+        assert value == getattr(DeploySettings(), name)
+        assert re.search(rf"--{flag}-timeout SECONDS timeout of [^(]*\(default {value:g}\)", shown)

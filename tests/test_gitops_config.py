@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from runner.errors import EXIT_USAGE, UsageError
-from runner.gitops.config import CONFIG_NAME, CiConfig, ConfigError, load_config, merge
+from runner.gitops.config import (
+    CONFIG_NAME,
+    CiConfig,
+    ConfigError,
+    RolloutConfig,
+    load_config,
+    merge,
+)
 
 FULL = """\
 hive: ./fleet/hive.nix
@@ -164,3 +171,55 @@ def test_merge_checks_values_and_keys():
         merge(CiConfig(), {"parallel": "many"})
     with pytest.raises(ConfigError, match="unknown setting 'bogus'"):
         merge(CiConfig(), {"bogus": 1})
+
+
+# --- rollout: waves, failure budget, confirmation, health checks ------------------------
+
+
+def test_rollout_section(tmp_path):
+    path = tmp_path / CONFIG_NAME
+    path.write_text(
+        "rollout:\n"
+        "  waves: [1, '10%', '100%']\n"
+        "  max_failures: 10%\n"
+        "  confirm_timeout: 45\n"
+        "  health_checks: false\n"
+    )
+    config = load_config(path, search_from=tmp_path)
+    assert config.rollout == RolloutConfig(
+        waves=("1", "10%", "100%"), max_failures="10%", confirm_timeout=45.0, health_checks=False
+    )
+    path.write_text("rollout:\n  waves: '1, 50%,100%'\n  max_failures: 2\n")
+    config = load_config(path, search_from=tmp_path)
+    assert config.rollout == RolloutConfig(waves=("1", "50%", "100%"), max_failures="2")
+    path.write_text("rollout: {}\n")
+    assert load_config(path, search_from=tmp_path).rollout == RolloutConfig()
+    assert CiConfig().rollout == RolloutConfig()
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("rollout: 5\n", "setting 'rollout' must be a mapping"),
+        ("rollout: [1]\n", "setting 'rollout' must be a mapping"),
+        ("rollout:\n  wave: [1]\n", "unknown setting 'rollout.wave' (known: rollout.waves, "),
+        ("rollout:\n  waves: [1, x, '100%']\n", "setting 'rollout.waves' entry 2 ('x')"),
+        ("rollout:\n  waves: '1,10%'\n", "setting 'rollout.waves' the last entry must be 100%"),
+        ("rollout:\n  waves: []\n", "setting 'rollout.waves' no waves given"),
+        ("rollout:\n  waves: [1, true]\n", "setting 'rollout.waves' must be a list"),
+        ("rollout:\n  max_failures: -1\n", "setting 'rollout.max_failures' must be a number"),
+        ("rollout:\n  max_failures: 150%\n", "setting 'rollout.max_failures'"),
+        ("rollout:\n  confirm_timeout: 0\n", "setting 'rollout.confirm_timeout' must be a number"),
+        ("rollout:\n  confirm_timeout: '30'\n", "setting 'rollout.confirm_timeout'"),
+        ("rollout:\n  confirm_timeout: true\n", "setting 'rollout.confirm_timeout'"),
+        ("rollout:\n  health_checks: 'no'\n", "setting 'rollout.health_checks' must be true"),
+    ],
+)
+def test_bad_rollout_settings_name_the_key(tmp_path, text, needle):
+    path = tmp_path / CONFIG_NAME
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, search_from=tmp_path)
+    message = str(info.value)
+    assert needle in message and message.startswith(str(path)), message
+    assert "\n" not in message and info.value.exit_code == EXIT_USAGE

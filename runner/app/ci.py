@@ -87,7 +87,7 @@ def apply_request(request: CiRequest, config: CiConfig) -> ApplyRequest:
     hive = base.hive
     if config.hive and hive.config is None:
         hive = replace(hive, config=config.hive)
-    deploy_settings = base.deploy
+    deploy_settings = _rollout(request, config)
     if config.parallel is not None and not request.parallel_given:
         deploy_settings = replace(deploy_settings, parallel=config.parallel)
     eval_settings = base.eval
@@ -102,6 +102,21 @@ def apply_request(request: CiRequest, config: CiConfig) -> ApplyRequest:
         reports=Reports(junit=config.junit, markdown=config.report_md, json=request.reports.json),
         command="ci",
     )
+
+
+def _rollout(request: CiRequest, config: CiConfig) -> DeploySettings:
+    """The flags' deploy settings with waggle.yaml's `rollout:` where no flag was given
+    (no --waves: `waves` is empty; --no-health-checks can only turn checks off)."""
+    deploy, rollout = request.apply.deploy, config.rollout
+    if rollout.waves is not None and not deploy.waves:
+        deploy = replace(deploy, waves=rollout.waves)
+    if rollout.max_failures is not None and not request.max_failures_given:
+        deploy = replace(deploy, max_failures=rollout.max_failures)
+    if rollout.confirm_timeout is not None and not request.confirm_timeout_given:
+        deploy = replace(deploy, confirm_timeout=rollout.confirm_timeout)
+    if rollout.health_checks is not None and deploy.health_checks:
+        deploy = replace(deploy, health_checks=rollout.health_checks)
+    return deploy
 
 
 async def run_ci(
@@ -238,6 +253,7 @@ async def dry_activate_pr(request: ApplyRequest, planned: Sequence[NodeChange]) 
     settings: DeploySettings = replace(
         request.deploy,
         goal=Goal.DRY_ACTIVATE,
+        waves=(),  # nothing is switched: no canary to wait for
         keys=False,
         build_on_target=False,
         reboot=False,

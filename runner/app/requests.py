@@ -117,6 +117,8 @@ class CiRequest:
     cache_dir: Path | None = None
     ignore: tuple[str, ...] | None = None
     parallel_given: bool = False  # --parallel was on the command line (waggle.yaml loses)
+    max_failures_given: bool = False  # --max-failures was (rollout.max_failures loses)
+    confirm_timeout_given: bool = False  # --confirm-timeout was (rollout.confirm_timeout loses)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,11 @@ reads the file from the base commit's tree instead (`runner.gitops.trust.pr_conf
     outputs_dotenv: waggle.env  # GitLab: write the outputs as a dotenv artifact
     parallel: 10
     eval_node_limit: auto       # auto, or a number (0: all nodes in one evaluator)
+    rollout:                    # deploy: as --waves, --max-failures, --confirm-timeout and
+      waves: [1, 10%, 100%]     #   --no-health-checks (a list or "1,10%,100%")
+      max_failures: 0           # N or P% of a wave
+      confirm_timeout: 30       # seconds
+      health_checks: true
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from typing import Any
 
 import yaml
 
+from runner.deploy import waves as rollout_waves
 from runner.errors import UsageError
 
 CONFIG_NAME = "waggle.yaml"
@@ -42,6 +48,16 @@ CONFIG_NAME = "waggle.yaml"
 
 class ConfigError(UsageError):
     """`waggle.yaml` cannot be read or holds a bad key or value (exit 2)."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """`rollout:`, how `waggle ci` deploys; None: not set (the flag or its default applies)."""
+
+    waves: tuple[str, ...] | None = None  # as --waves: "1", "10%", "100%"
+    max_failures: str | None = None  # as --max-failures: "N" or "P%"
+    confirm_timeout: float | None = None  # as --confirm-timeout, seconds
+    health_checks: bool | None = None  # false: as --no-health-checks
 
 
 @dataclass(frozen=True)
@@ -63,6 +79,7 @@ class CiConfig:
     outputs_dotenv: Path | None = None
     parallel: int | None = None
     eval_node_limit: str | None = None  # "auto" or a number as text, like --eval-node-limit
+    rollout: RolloutConfig = RolloutConfig()
     source: Path | None = None  # the file these settings came from, if any
 
 
@@ -71,6 +88,14 @@ class CiConfig:
 
 class _BadValueError(Exception):
     """A value of the wrong type or range; the message says what was expected."""
+
+
+class _NestedError(_BadValueError):
+    """A bad `key` inside a section (e.g. rollout.waves), or an unknown one (`known` set)."""
+
+    def __init__(self, key: str, value: object, message: str, known: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.key, self.value, self.known = key, value, known
 
 
 def _str(value: object, _base: Path | None) -> str:
@@ -128,6 +153,63 @@ def _node_limit(value: object, _base: Path | None) -> str:
     raise _BadValueError("must be auto or a whole number, 0 or more")
 
 
+def _waves(value: object, _base: Path | None) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list) or not all(
+        isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)) for v in value
+    ):
+        raise _BadValueError('must be a list of node counts and shares, e.g. [1, "10%", "100%"]')
+    entries = tuple(str(v).strip() for v in value)
+    try:
+        rollout_waves.parse_waves(entries)
+    except rollout_waves.SpecError as e:
+        raise _BadValueError(str(e)) from None
+    return entries
+
+
+def _budget(value: object, _base: Path | None) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise _BadValueError("must be a number of failed nodes N or a share P% of the wave")
+    try:
+        return rollout_waves.parse_budget(str(value)).text
+    except rollout_waves.SpecError as e:
+        raise _BadValueError(str(e)) from None
+
+
+def _seconds(value: object, _base: Path | None) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise _BadValueError("must be a number of seconds, more than 0")
+    return float(value)
+
+
+_ROLLOUT_KEYS: dict[str, Callable[[object, Path | None], Any]] = {
+    "waves": _waves,
+    "max_failures": _budget,
+    "confirm_timeout": _seconds,
+    "health_checks": _bool,
+}
+
+
+def _rollout(value: object, base: Path | None) -> RolloutConfig:
+    if value is None:
+        return RolloutConfig()
+    if not isinstance(value, dict):
+        raise _BadValueError("must be a mapping (waves, max_failures, confirm_timeout, ...)")
+    changes: dict[str, Any] = {}
+    for key, item in value.items():
+        check = _ROLLOUT_KEYS.get(str(key))
+        if check is None:
+            raise _NestedError(
+                str(key), item, "unknown", tuple(f"rollout.{k}" for k in _ROLLOUT_KEYS)
+            )
+        try:
+            changes[str(key)] = check(item, base)
+        except _BadValueError as e:
+            raise _NestedError(str(key), item, str(e)) from None
+    return RolloutConfig(**changes)
+
+
 _KEYS: dict[str, Callable[[object, Path | None], Any]] = {
     "hive": _hive,
     "on": _str,
@@ -144,6 +226,7 @@ _KEYS: dict[str, Callable[[object, Path | None], Any]] = {
     "outputs_dotenv": _path,
     "parallel": _count,
     "eval_node_limit": _node_limit,
+    "rollout": _rollout,
 }
 KNOWN_KEYS = tuple(_KEYS)
 
@@ -216,6 +299,13 @@ def _apply(
         try:
             changes[name] = check(value, base)
         except _BadValueError as e:
+            if isinstance(e, _NestedError):  # a key of a section: rollout.waves
+                name, value = f"{name}.{e.key}", e.value
+                if e.known:
+                    known = ", ".join(e.known)
+                    raise ConfigError(
+                        f"{where}: unknown setting {name!r} (known: {known})"
+                    ) from None
             shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
             raise ConfigError(f"{where}: setting {name!r} {e} (got {shown})") from None
     return dataclasses.replace(config, **changes)
