@@ -587,28 +587,7 @@ class SshHost:
             readers = asyncio.gather(
                 pump_out(proc.stdout, out, True), pump_out(proc.stderr, err, False)
             )
-
-            async def feed(stdin: asyncssh.SSHWriter[bytes]) -> None:
-                try:
-                    async for chunk in chunks:
-                        stdin.write(chunk)
-                        await stdin.drain()
-                except (BrokenPipeError, ConnectionError, asyncssh.Error):
-                    pass
-                with contextlib.suppress(Exception):
-                    stdin.write_eof()
-
-            # Output ending (the command or the connection is gone) ends the feeding too: a
-            # feed that only sends now and then (the host lock's heartbeat) need not wait.
-            feeding = asyncio.ensure_future(feed(proc.stdin))
-            either: set[asyncio.Future[Any]] = {feeding, readers}
-            try:
-                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-                if feeding.done():
-                    feeding.result()  # the feed's own error, if any
-                    await readers
-            finally:
-                feeding.cancel()
+            await _feed_until_output_ends(proc.stdin, chunks, readers)
             completed = await proc.wait()
             return completed.exit_status
 
@@ -654,6 +633,36 @@ class SshHost:
         done = await self.run(write_file_argv(path, mode), input_data=data, timeout=timeout)
         if not done.ok:
             raise RemoteError(self.target, f"writing {path}: {done.describe()}")
+
+
+async def _feed_until_output_ends(
+    stdin: asyncssh.SSHWriter[bytes], chunks: AsyncIterator[bytes], readers: asyncio.Future[Any]
+) -> None:
+    """Feed `chunks` to a remote command's stdin, then EOF; wait for its output to end.
+
+    The output ending (the command or the connection is gone) ends the feeding too: a feed
+    that only sends now and then (the host lock's heartbeat) need not be waited for.
+    """
+
+    async def feed() -> None:
+        try:
+            async for chunk in chunks:
+                stdin.write(chunk)
+                await stdin.drain()
+        except (BrokenPipeError, ConnectionError, asyncssh.Error):
+            pass
+        with contextlib.suppress(Exception):
+            stdin.write_eof()
+
+    feeding = asyncio.ensure_future(feed())
+    either: set[asyncio.Future[Any]] = {feeding, readers}
+    try:
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if feeding.done():
+            feeding.result()  # the feed's own error, if any
+            await readers
+    finally:
+        feeding.cancel()
 
 
 class HostUnreachableError(HostError):
