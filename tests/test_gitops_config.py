@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from runner.gitops.config import (
     RolloutConfig,
     load_config,
     merge,
+    parse_config,
 )
 
 FULL = """\
@@ -223,3 +225,17 @@ def test_bad_rollout_settings_name_the_key(tmp_path, text, needle):
     message = str(info.value)
     assert needle in message and message.startswith(str(path)), message
     assert "\n" not in message and info.value.exit_code == EXIT_USAGE
+
+
+def test_documented_examples_are_valid(tmp_path):
+    # ci-templates/README.md's waggle.yaml block and this module's own example
+    import runner.gitops.config as module
+
+    readme = (Path(__file__).parent.parent / "ci-templates" / "README.md").read_text()
+    block = readme[readme.index("```yaml\nhive:") + len("```yaml\n") :]
+    docstring = module.__doc__ or ""
+    example = docstring[docstring.index("    hive:") :]
+    for text in (block[: block.index("```")], textwrap.dedent(example)):
+        config = parse_config(text, source=tmp_path / CONFIG_NAME)
+        assert config.rollout.waves == ("1", "10%", "100%")
+        assert config.rollout.max_failures == "0" and config.rollout.health_checks is True

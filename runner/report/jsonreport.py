@@ -16,7 +16,7 @@ changing the meaning of one bumps the version.
 | `run.started_at` | string | when the run started |
 | `run.seconds` | number | how long the run took |
 | `run.stages` | array of string | the stages of the run, in order (`eval`, `build`, `push`, `keys`, `activate`, `confirm`, `post-keys`) |
-| `run.ok` | boolean | no selected node failed |
+| `run.ok` | boolean | no selected node failed, and none was left unreached by `--waves`' failure budget |
 | `run.counts` | object | `nodes` (selected), `ok`, `failed`, `unchanged`, `skipped`, `not_selected`: integers |
 | `nodes` | array of object | the selected nodes, in selection order |
 | `nodes[].name` | string | the node's name |

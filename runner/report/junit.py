@@ -12,7 +12,8 @@ Layout (one `<testsuite>` in a `<testsuites>`):
     the stage's log, ANSI escapes stripped;
   - a skipped stage has `<skipped message="<reason>">` ("unchanged", "no targetHost", ...);
   - a stage the node never reached has `<skipped message="earlier stage failed: <stage>">`
-    (or "not run" when nothing failed before it);
+    (or "not run" when nothing failed before it, or the reason its wave never started,
+    "not reached: wave 1 exceeded the failure budget (1 failed)");
   - a passed stage has its message and facts ("paths_sent=12") as `<system-out>`;
 - one test case per node left out by `--on`: `classname="waggle.selection"`, `name=<node>`,
   skipped "not selected" (one per node rather than one per stage: these nodes ran nothing).
