@@ -149,6 +149,49 @@ def test_dead_holders_are_ignored_and_dropped(shell, tmp_path):
     assert [f[2] for f in lines(d)] == ["r2"]
 
 
+@pytest.mark.parametrize("shell", SHELLS)
+def test_lock_sh_holds_until_eof_or_a_silent_stdin(shell, tmp_path):
+    d = tmp_path / "waggle"
+
+    def holder(*args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            ["sh", "-c", LOCK_SCRIPT, "sh", *args],
+            executable=shell,
+            env={"PATH": os.environ["PATH"], "WAGGLE_LOCK_DIR": str(d)},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    first = holder("r1", "dep", "2024-05-01T12:00:00Z", "30")
+    assert first.stdin is not None and first.stdout is not None
+    try:
+        assert first.stdout.readline() == "locked\n"
+        second = holder("r2", "dep2", "2024-05-01T12:00:01Z", "30")
+        out, _ = second.communicate(timeout=10)
+        assert (second.returncode, out) == (3, "held r1 dep 2024-05-01T12:00:00Z\n")
+        first.stdin.write(".")  # a heartbeat
+        first.stdin.flush()
+        time.sleep(0.2)
+        assert first.poll() is None and [f[2] for f in lines(d)] == ["r1"]
+        first.stdin.close()  # EOF: Waggle is done
+        assert first.wait(timeout=10) == 0
+        assert lines(d) == []
+        silent = holder("r3", "dep", "2024-05-01T12:00:02Z", "1")
+        assert silent.stdout is not None and silent.stdout.readline() == "locked\n"
+        began = time.monotonic()
+        assert silent.wait(timeout=10) == 0  # no heartbeat for 1 s: it let go
+        assert time.monotonic() - began < 5 and lines(d) == []
+        assert silent.stdin is not None
+        silent.stdin.close()
+        silent.stdout.close()
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.wait()
+        first.stdout.close()
+
+
 def test_without_flock_the_lock_fails_clearly(tmp_path):
     # A PATH with everything lock-lib.sh uses but flock.
     bin_dir = tmp_path / "bin"
