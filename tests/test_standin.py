@@ -503,7 +503,7 @@ def test_fault_injection_fail_and_hang(tmp_path: Path) -> None:
     assert not (root / "nix" / "var" / "nix" / "profiles" / ".standin-boot-default").exists()
     assert (root / "run" / "standin" / "activations.log").read_text().startswith("switch ")
     opts = nix_eval(node_expr("{ }", attr="config.standin.activation"))
-    assert opts == {"fail": False, "hangSeconds": 0, "cutSsh": False}
+    assert opts == {"fail": False, "hangSeconds": 0, "cutSsh": False, "blockLogins": 0}
 
 
 def test_failing_snippet_exits_2(tmp_path: Path) -> None:
