@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from runner.deploy import activation
+from runner.deploy import activation, confirm
 from runner.deploy.activation import (
     ActivationResult,
     CurrentSystem,
@@ -209,7 +209,8 @@ def test_goals_set_profile_and_current_system_as_nixos_does(fleet, systems):
     assert after_switch == (a, host.path(a), [])  # current, profile, run directory removed
     assert "activating the configuration..." in lines
     assert switched.log_tail.splitlines() == lines[-activation.LOG_TAIL_LINES :]
-    assert now == CurrentSystem(current=a, profile=a)
+    # ... and recorded as activated by Waggle (the runner's record, which only a success writes).
+    assert now == CurrentSystem(current=a, profile=a, activated=a, activated_boot=a)
 
     assert booted.ok, booted
     assert after_boot == (a, host.path(b))  # boot: the profile only
@@ -221,7 +222,8 @@ def test_goals_set_profile_and_current_system_as_nixos_does(fleet, systems):
     dry, dry_lines, last = dry_part
     assert dry.ok, dry
     assert f"would activate the configuration {a}" in dry_lines
-    assert last == CurrentSystem(current=c, profile=b)  # dry-activate changes nothing
+    # dry-activate changes nothing
+    assert last == CurrentSystem(current=c, profile=b, activated=c, activated_boot=b)
     log = host.path("/run/standin/activations.log").read_text().splitlines()
     assert [line.split()[:2] for line in log] == [
         ["switch", a],
@@ -351,6 +353,160 @@ def test_reboot_of_a_host_that_never_comes_back_fails_in_time(fleet):
     assert not fleet["host3"].accepts()
 
 
+# -- magic rollback on the fleet: arming, confirming, rolling back (runner/deploy/confirm.py)
+
+
+def record(host: TestHost) -> str:
+    path = host.path(activation.ACTIVATED_RECORD)
+    return path.read_text() if path.exists() else ""
+
+
+@needs_root
+def test_an_armed_switch_is_confirmed_over_a_new_connection(fleet, systems):
+    host = fleet["host1"]
+    a, b = systems["a"], systems["b"]
+    push(fleet, "host1", a, b)
+
+    async def work(h: SshHost):
+        first = await activate(h, a, "switch", set_profile=True, timeout=60)  # not armed
+        armed = await activate(h, b, "switch", set_profile=True, timeout=60, confirm_window=5)
+        waiting = (run_dirs(host), record(host))
+        began = time.monotonic()
+        done = await confirm.confirm(h, armed.directory, deadline=began + 5, toplevel=b)
+        TIMINGS["confirm over a new connection"] = time.monotonic() - began
+        return first, armed, waiting, done
+
+    first, armed, (waiting, unrecorded), done = with_host(fleet.ssh_config, "host1", work)
+    assert first.ok and not first.armed
+    assert armed.ok and armed.armed and armed.rollback_note == ""
+    assert waiting == [Path(armed.directory).name]  # the runner waits in its directory
+    assert f"running {b}" not in unrecorded  # nothing recorded before the confirmation
+    assert done.confirmed, done
+    assert done.attempts == 1 and done.outcome is not None and done.outcome.kind == "confirmed"
+    assert host.readlink("/run/current-system") == b and profile(host) == host.path(b)
+    assert record(host) == f"running {b}\nboot {b}\n"
+    assert run_dirs(host) == []  # removed once the outcome was read
+    assert wait_for(lambda: not activation_processes(host, "/run/waggle/"), 5)
+
+
+@needs_root
+def test_a_rollback_goes_back_exactly_one_step(fleet, systems):
+    # The host runs c (a `test`) while its profile's current generation is b; an older
+    # generation holds a. A switch to a that is rolled back must leave c running and the
+    # profile at b's generation: not one further back, not at a (deploy-rs#154).
+    host = fleet["host1"]
+    a, b, c = systems["a"], systems["b"], systems["c"]
+    push(fleet, "host1", a, b, c)
+
+    async def work(h: SshHost):
+        for toplevel, goal in ((a, "switch"), (b, "boot"), (c, "test")):
+            done = await activate(h, toplevel, goal, set_profile=goal != "test", timeout=60)
+            assert done.ok, done
+        before = (host.readlink("/nix/var/nix/profiles/system"), record(host))
+        armed = await activate(h, a, "switch", set_profile=True, timeout=60, confirm_window=30)
+        switched = (host.readlink("/run/current-system"), profile(host))
+        began = time.monotonic()
+        outcome = await confirm.roll_back(h, armed.directory, timeout=60)
+        TIMINGS["rollback asked for (a failed health check)"] = time.monotonic() - began
+        return before, armed, switched, outcome
+
+    (link, recorded), armed, switched, outcome = with_host(fleet.ssh_config, "host1", work)
+    assert armed.armed and switched == (a, host.path(a))
+    assert outcome.rolled_back, outcome
+    assert outcome.previous == c and outcome.host_seconds is not None
+    assert "waggle: rolled back to" in outcome.log
+    assert host.readlink("/run/current-system") == c
+    assert host.readlink("/nix/var/nix/profiles/system") == link  # b's generation, as before
+    assert profile(host) == host.path(b)
+    assert host.readlink("/nix/var/nix/profiles/.standin-boot-default") == b
+    assert sorted(record(host).splitlines()) == [f"boot {b}", f"running {c}"]
+    assert sorted(recorded.splitlines()) == [f"boot {b}", f"running {c}"]
+    log = host.path("/run/standin/activations.log").read_text().splitlines()
+    assert [line.split()[:2] for line in log[-3:]] == [["switch", a], ["test", c], ["boot", b]]
+    assert run_dirs(host) == []
+
+
+@needs_root
+def test_an_unconfirmed_test_goes_back_by_itself_in_time(fleet, systems):
+    host = fleet["host1"]
+    a, b = systems["a"], systems["b"]
+    push(fleet, "host1", a, b)
+
+    async def work(h: SshHost):
+        done = await activate(h, a, "test", set_profile=False, timeout=60)
+        assert done.ok, done
+        link = host.readlink("/nix/var/nix/profiles/system")
+        armed = await activate(h, b, "test", set_profile=False, timeout=60, confirm_window=1)
+        return link, armed
+
+    link, armed = with_host(fleet.ssh_config, "host1", work)
+    assert armed.armed and host.readlink("/run/current-system") == b
+    began = time.monotonic()
+    outcome = Path(armed.directory.replace("/run/", str(host.path("/run")) + "/", 1)) / "outcome"
+    assert wait_for(outcome.exists, 5), run_dirs(host)
+    assert time.monotonic() - began < 3  # 1 s window, then the rollback itself
+    assert outcome.read_text().startswith("rolled-back ")
+    assert host.readlink("/run/current-system") == a
+    assert host.readlink("/nix/var/nix/profiles/system") == link  # test: profile untouched
+    assert f"running {a}" in record(host)
+    # Collected later (a deployer that came back): the outcome, then the directory is gone.
+    read = with_host(
+        fleet.ssh_config,
+        "host1",
+        lambda h: confirm.decide(h, armed.directory, "", wait=1, timeout=10),
+    )
+    assert read.kind == "rolled-back" and read.decision == "rollback"
+    assert run_dirs(host) == []
+
+
+@needs_root
+def test_first_activation_cannot_arm_a_rollback(fleet, systems):
+    host = fleet["host1"]
+    a = systems["a"]
+    push(fleet, "host1", a)
+    host.path("/run/current-system").unlink()
+
+    async def work(h: SshHost):
+        return await activate(h, a, "switch", set_profile=True, timeout=60, confirm_window=5)
+
+    result = with_host(fleet.ssh_config, "host1", work)
+    assert result.ok and not result.armed
+    assert result.rollback_note == "no previous system"
+    assert "no rollback possible" in result.log_tail
+    assert run_dirs(host) == [] and host.readlink("/run/current-system") == a
+    assert record(host) == f"running {a}\nboot {a}\n"
+
+
+def test_the_runner_stops_an_activation_that_outlives_its_limit(tmp_path):
+    # Without a deployer nothing else would stop it (and it would hold the host's lock).
+    toplevel = fake_toplevel(tmp_path, "echo started\nsleep 600\n")
+    directory = tmp_path / "run"
+    directory.mkdir()
+    (directory / "log").write_text("")
+    runner = directory / "run.sh"
+    runner.write_text(activation.RUNNER_SCRIPT)
+    argv = ["/bin/sh", str(runner), str(directory), toplevel, "test", "0", "0", "1"]
+    argv += [str(tmp_path / "activated"), "run-1"]
+    began = time.monotonic()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    took = time.monotonic() - began
+    assert 1 <= took < 4, took
+    assert done.returncode == 143  # TERM
+    assert (directory / "status").read_text().strip() == "143"
+    log = (directory / "log").read_text()
+    assert "started" in log and "still running after 1 s: stopping it" in log
+    assert (
+        not (tmp_path / "activated").exists()
+        or "running" not in (tmp_path / "activated").read_text()
+    )
+    assert not [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "sleep 600" in " ".join(p.info["cmdline"] or [])
+        and toplevel in " ".join(p.info["cmdline"] or [])
+    ]
+
+
 @needs_root
 def test_report_timings(fleet):
     """Not a check: what the fleet tests measured (visible with -s or in -rA)."""
@@ -438,6 +594,7 @@ def test_systemd_run_command_line(tmp_path, monkeypatch):
             on_line=lines.append,
             method="systemd-run",
             state_dir=str(state),
+            record=str(tmp_path / "activated"),
         )
 
     fake, result = run_fake(tmp_path, env, work)
@@ -464,6 +621,10 @@ def test_systemd_run_command_line(tmp_path, monkeypatch):
         toplevel,
         "switch",
         "1",
+        "0",  # no confirmation window: no rollback
+        "45",  # the activation stops on the host after timeout + GRACE s without Waggle
+        str(tmp_path / "activated"),
+        run_id,  # the host lock's run id (its own when none is given)
     ]
     # Exactly this command line reached the host, each argument quoted on its own.
     sent = [c for c in fake.commands if c.startswith("systemd-run ")]
@@ -475,6 +636,7 @@ def test_systemd_run_command_line(tmp_path, monkeypatch):
     )
     assert lines == ["activating switch"]
     assert not Path(directory).exists()
+    assert (tmp_path / "activated").read_text() == f"running {toplevel}\nboot {toplevel}\n"
 
 
 def test_systemd_run_timeout_kills_the_unit(tmp_path, monkeypatch):
@@ -499,6 +661,7 @@ def test_systemd_run_timeout_kills_the_unit(tmp_path, monkeypatch):
             on_line=on_line,
             method="systemd-run",
             state_dir=str(state),
+            record=str(tmp_path / "activated"),
         )
 
     began = time.monotonic()
@@ -546,6 +709,7 @@ def test_stream_resumes_after_a_dropped_connection_without_loss_or_duplicates(tm
             timeout=30,
             on_line=on_line,
             state_dir=str(tmp_path / "state"),
+            record=str(tmp_path / "activated"),
         )
 
     fake, result = run_fake(tmp_path, {}, work)
@@ -576,6 +740,7 @@ def test_unreachable_host_after_a_drop_gives_up_after_reconnect_timeout(tmp_path
             on_line=on_line,
             reconnect_timeout=1.5,
             state_dir=str(tmp_path / "state"),
+            record=str(tmp_path / "activated"),
         )
         return result, time.monotonic() - began
 

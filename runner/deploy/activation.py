@@ -12,7 +12,16 @@ activation kills or hangs it (#343, #290, #262), and it waits for a rebooted hos
   After a lost connection it reconnects and follows again from the start of the last line
   it delivered, skipping lines it has already seen, so no line is lost or duplicated;
 - bounds everything: the whole activation by `timeout` (a timed-out activation is killed
-  on the host), reconnecting by `reconnect_timeout`, a reboot wait by its `timeout`.
+  on the host), reconnecting by `reconnect_timeout`, a reboot wait by its `timeout`; on the
+  host, switch-to-configuration is stopped after `timeout` + GRACE seconds even when no
+  deployer is left to do it;
+- with `confirm_window`, arms the magic rollback (switch and test): after a successful
+  activation the runner waits for a decision in its run directory and, without a
+  confirmation in time, goes back to the system that ran before by itself (runner/deploy/
+  confirm.py is the deployer's side). The directory then stays until the outcome is read;
+- records what it activated successfully in RECORD (/nix/var/waggle/activated: `running
+  <system>`, `boot <system>`), which `current_system` reads: a host counts as running a
+  system only when Waggle saw that activation succeed (and confirmed, with a rollback).
 
 Every remote command is an argv quoted per argument; the shell scripts are package data
 (runner/scripts/activation-*.sh, checked by shellcheck) that take their values as
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 import uuid
 from collections import deque
@@ -39,6 +49,7 @@ Method = Literal["systemd-run", "detached"]
 MethodChoice = Literal["auto", "systemd-run", "detached"]
 SYSTEM_PROFILE = "/nix/var/nix/profiles/system"
 CURRENT_SYSTEM = "/run/current-system"
+ACTIVATED_RECORD = "/nix/var/waggle/activated"  # per host and kept across boots, as /nix is
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 STATE_DIR = "/run/waggle"
 LOG_TAIL_LINES = 20
@@ -64,6 +75,12 @@ class ActivationResult:
     method: Method
     message: str  # "Activation successful", "Activation failed: exit status 1", ...
     timed_out: bool = False
+    # The magic rollback: `armed` when the host now waits for a confirmation (its run
+    # directory stays); `rollback_note` why none could be armed ("no previous system").
+    armed: bool = False
+    rollback_note: str = ""
+    directory: str = ""  # the run directory on the host
+    ended_at: float = 0.0  # monotonic time the exit status arrived (the confirm window began)
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,24 @@ class RebootResult:
 class CurrentSystem:
     current: str | None  # /run/current-system, resolved; None if missing or dangling
     profile: str | None  # /nix/var/nix/profiles/system, resolved; None likewise
+    # What Waggle recorded as successfully activated (ACTIVATED_RECORD): the running system
+    # after a switch/test, the boot default after a switch/boot; None: no such record.
+    activated: str | None = None
+    activated_boot: str | None = None
+
+    def runs(self, goal: str, toplevel: str) -> bool:
+        """Whether the host already is where `goal` would take it: the links point at
+        `toplevel` and Waggle recorded that activating it succeeded (a switch that failed
+        half-way, profile set and a unit failed, does not count)."""
+        running = self.current == toplevel and self.activated == toplevel
+        booting = self.profile == toplevel and self.activated_boot == toplevel
+        if goal == "switch":
+            return running and booting
+        if goal == "boot":
+            return booting
+        if goal == "test":
+            return running
+        return False  # dry-activate always runs: it only reports
 
 
 @runtime_checkable
@@ -90,16 +125,17 @@ class Reconnectable(Protocol):
 # -- scripts run on the host (runner/scripts/activation-*.sh; values only as positional
 # parameters, see each file for its arguments) ----------------------------------------
 
-SETUP_SCRIPT = script("activation-setup.sh")  # sh -c SETUP sh DIR METHOD < RUNNER
+SETUP_SCRIPT = script("activation-running.sh") + script("activation-setup.sh")  # DIR METHOD
 RUNNER_SCRIPT = script("activation-runner.sh", comments=True)  # DIR/run.sh on the host
 DETACH_SCRIPT = script("activation-detach.sh")  # sh -c DETACH sh LOG ARGV...
 FOLLOW_SCRIPT = script("activation-running.sh") + script("activation-follow.sh")
 STOP_SCRIPT = script("activation-running.sh") + script("activation-stop.sh")
-CURRENT_SCRIPT = script("current-system.sh")  # sh -c CURRENT sh PATH...
+CURRENT_SCRIPT = script("current-system.sh")  # sh -c CURRENT sh RECORD PATH...
 
 
 def _new_run_id() -> str:
-    return uuid.uuid4().hex
+    """32 hex digits that sort by time: milliseconds since the epoch, then random ones."""
+    return f"{time.time_ns() // 1_000_000:012x}{uuid.uuid4().hex[:20]}"
 
 
 def run_directory(run_id: str, state_dir: str = STATE_DIR) -> str:
@@ -120,6 +156,10 @@ def launch_argv(
     set_profile: bool,
     run_id: str,
     env: Mapping[str, str],
+    confirm_window: float = 0.0,
+    limit: float = 0.0,
+    record: str = "",
+    lock_run_id: str = "",
 ) -> list[str]:
     """The argv that starts the runner on the host (exactly what is sent, quoted per argument)."""
     runner = [
@@ -129,6 +169,10 @@ def launch_argv(
         toplevel,
         goal,
         "1" if set_profile else "0",
+        str(math.ceil(confirm_window * 100)),  # hundredths of a second; 0: no rollback
+        str(math.ceil(limit)),
+        record,
+        lock_run_id or run_id,
     ]
     if method == "detached":
         return ["sh", "-c", DETACH_SCRIPT, "sh", f"{directory}/log", *runner]
@@ -180,6 +224,9 @@ async def _run(
         return RemoteResult(tuple(argv), None, "", str(e), time.monotonic() - began, lost=True)
 
 
+run_step = _run  # one bounded remote step that never raises (for runner.deploy.confirm)
+
+
 async def _reconnect(host: Host, give_up_at: float) -> bool:
     """Reconnect, retrying with backoff until `give_up_at` (monotonic); whether it worked."""
     pause, largest = RECONNECT_BACKOFF
@@ -228,6 +275,7 @@ class _Follower:
         self.base = 0  # byte offset the current follow command started at
         self.last_start = -1  # byte offset of the last line delivered
         self.status: str | None = None
+        self.armed: str | None = None  # the runner's DIR/armed, when it wrote one
 
     def begin(self) -> int:
         """The byte offset to follow from: the start of the last line delivered."""
@@ -238,6 +286,9 @@ class _Follower:
     def line(self, text: str) -> None:
         if text.startswith("status:"):
             self.status = text.removeprefix("status:").strip()
+            return
+        if text.startswith("armed:"):
+            self.armed = text.removeprefix("armed:").strip()
             return
         offset, sep, body = text.partition(":")
         if not sep or not offset.isdigit():
@@ -262,6 +313,9 @@ async def activate(
     reconnect_timeout: float = 60.0,
     method: MethodChoice = "auto",
     state_dir: str = STATE_DIR,
+    confirm_window: float = 0.0,
+    record: str = ACTIVATED_RECORD,
+    lock_run_id: str = "",
 ) -> ActivationResult:
     """Set the profile (if asked) and run `<toplevel>/bin/switch-to-configuration <goal>`.
 
@@ -269,6 +323,12 @@ async def activate(
     output to `on_line`; reconnects after a drop (for up to `reconnect_timeout` s); kills it
     on the host when `timeout` expires. Never raises for a failure on the host: the result
     says what happened. Returns within `timeout` plus a few seconds of clean-up.
+
+    With `confirm_window` (seconds; switch and test only) a successful activation arms the
+    magic rollback: the result is `armed` and the host goes back by itself unless
+    runner.deploy.confirm confirms within the window (`rollback_note` says why none could
+    be armed: no previous system). `record` is the host's record of activated systems ("":
+    none); `lock_run_id` the run id the runner holds the host lock under (default: its own).
     """
     if goal not in ACTIVATION_GOALS:
         raise ValueError(f"not an activation goal: {goal!r} (one of {', '.join(ACTIVATION_GOALS)})")
@@ -286,6 +346,9 @@ async def activate(
         run_id,
         run_directory(run_id, state_dir),
         _Follower(on_line),
+        confirm_window=confirm_window if goal in ("switch", "test") else 0.0,
+        record=record,
+        lock_run_id=lock_run_id,
     )
     return await run.run()
 
@@ -307,6 +370,9 @@ class _Activation:
     run_id: str
     directory: str
     follower: _Follower
+    confirm_window: float = 0.0
+    record: str = ""
+    lock_run_id: str = ""
     began: float = field(default_factory=time.monotonic)
     reconnects: int = 0
     chosen: Method = "detached"  # how it runs on the host, once known
@@ -326,8 +392,15 @@ class _Activation:
         return ended or await self._finish()
 
     def result(
-        self, ok: bool, message: str, status: int | None = None, *, timed_out: bool = False
+        self,
+        ok: bool,
+        message: str,
+        status: int | None = None,
+        *,
+        timed_out: bool = False,
+        armed: bool = False,
     ) -> ActivationResult:
+        note = self.follower.armed or ""
         return ActivationResult(
             ok=ok,
             exit_status=status,
@@ -337,6 +410,10 @@ class _Activation:
             method=self.chosen,
             message=message,
             timed_out=timed_out,
+            armed=armed,
+            rollback_note=note.removeprefix("none:").strip() if note.startswith("none:") else "",
+            directory=self.directory,
+            ended_at=time.monotonic(),
         )
 
     async def stop(self) -> bool:
@@ -379,6 +456,10 @@ class _Activation:
             set_profile=self.set_profile,
             run_id=self.run_id,
             env=self.env,
+            confirm_window=self.confirm_window,
+            limit=self.timeout + GRACE,
+            record=self.record,
+            lock_run_id=self.lock_run_id,
         )
         return await _run(
             self.host, argv, timeout=min(STEP_TIMEOUT, self.deadline - time.monotonic())
@@ -449,6 +530,9 @@ class _Activation:
             return self.result(
                 False, f"Activation failed: the activation did not start within {START_WAIT} s"
             )
+        armed = status == "0" and (self.follower.armed or "").startswith("armed")
+        if armed:  # the runner waits for a decision: its directory stays (confirm.py)
+            return self.result(True, "Activation successful", 0, armed=True)
         await _run_retrying(
             self.host,
             ["rm", "-rf", "--", self.directory],
@@ -549,18 +633,30 @@ async def reboot_and_wait(
 # -- the host's current system ---------------------------------------------------------
 
 
-async def current_system(host: Host, *, timeout: float = STEP_TIMEOUT) -> CurrentSystem:
-    """/run/current-system and the system profile, resolved (readlink -e); None if absent.
+async def current_system(
+    host: Host, *, timeout: float = STEP_TIMEOUT, record: str = ACTIVATED_RECORD
+) -> CurrentSystem:
+    """/run/current-system and the system profile, resolved (readlink -e); None if absent;
+    with what Waggle recorded as activated there (`record`).
 
     Raises ActivationError when the host cannot be asked.
     """
     done, _ = await _run_retrying(
         host,
-        ["sh", "-c", CURRENT_SCRIPT, "sh", CURRENT_SYSTEM, SYSTEM_PROFILE],
+        ["sh", "-c", CURRENT_SCRIPT, "sh", record, CURRENT_SYSTEM, SYSTEM_PROFILE],
         deadline=time.monotonic() + timeout,
         reconnect_timeout=timeout,
     )
     lines = done.stdout.split("\n")
     if not done.ok or len(lines) < 2:
         raise ActivationError(f"{host.name}: could not read the current system: {done.describe()}")
-    return CurrentSystem(current=lines[0].strip() or None, profile=lines[1].strip() or None)
+    recorded: dict[str, str] = {}
+    for line in lines[2:]:
+        kind, _, system = line.strip().partition(" ")
+        recorded.setdefault(kind, system)
+    return CurrentSystem(
+        current=lines[0].strip() or None,
+        profile=lines[1].strip() or None,
+        activated=recorded.get("running") or None,
+        activated_boot=recorded.get("boot") or None,
+    )

@@ -2,7 +2,8 @@
 # `sh -c "$(cat activation-running.sh activation-follow.sh)" sh DIR OFFSET START_WAIT`: the
 # log from byte OFFSET as it grows, each line as `<offset relative to OFFSET>:<text>`, then
 # `status:<code>` (or `status:none` when the runner died without one, `status:unstarted` when
-# it never wrote its pid within START_WAIT seconds).
+# it never wrote its pid within START_WAIT seconds), after `armed:<DIR/armed>` if that exists
+# (whether the rollback waits for a confirmation).
 dir=$1 off=$2 wait=$3
 n=0
 while [ ! -e "$dir/pid" ] && [ ! -e "$dir/status" ]; do
@@ -28,4 +29,9 @@ while :; do
   sleep "$delay"
   case $delay in 0.05) delay=0.1 ;; 0.1) delay=0.2 ;; *) delay=0.4 ;; esac
 done | LC_ALL=C grep -a -b --line-buffered ''
-if [ -e "$dir/status" ]; then echo "status:$(cat "$dir/status")"; else echo status:none; fi
+if [ -e "$dir/status" ]; then
+  [ ! -e "$dir/armed" ] || echo "armed:$(cat "$dir/armed")"
+  echo "status:$(cat "$dir/status")"
+else
+  echo status:none
+fi

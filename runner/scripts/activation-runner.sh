@@ -1,20 +1,208 @@
-# Waggle activation runner (runner/deploy/activation.py): DIR TOPLEVEL GOAL SET_PROFILE
+# Waggle activation runner (runner/deploy/activation.py): DIR TOPLEVEL GOAL SET_PROFILE WINDOW LIMIT RECORD RUN_ID
 # shellcheck shell=sh
-# Run as `/bin/sh DIR/run.sh DIR TOPLEVEL GOAL SET_PROFILE(1|0)`, detached from the SSH session.
-# Writes its pid to DIR/pid, its output to DIR/log and, once done, its exit status to
-# DIR/status (each through a rename, so a reader never sees half a file).
-dir=$1 toplevel=$2 goal=$3 set_profile=$4
+# Run as `/bin/sh DIR/run.sh DIR TOPLEVEL GOAL SET_PROFILE WINDOW LIMIT RECORD RUN_ID`, detached
+# from the SSH session (a transient unit, or a process in a session of its own):
+#   SET_PROFILE  1: set the system profile to TOPLEVEL first (switch, boot); 0: not
+#   WINDOW       hundredths of a second to wait for a confirmation after a successful switch
+#                or test (magic rollback); 0: no rollback
+#   LIMIT        seconds switch-to-configuration (the activation, a rollback) may run here
+#                before it is stopped, so that nothing waits forever without a deployer; 0: none
+#   RECORD       the file recording which systems Waggle activated here (`running <system>`
+#                after a switch/test, `boot <system>` after a switch/boot); "" for none
+#   RUN_ID       the run's id, exported as WAGGLE_RUN_ID (the host lock's holder)
+# Files in DIR, each written through a rename so that a reader never sees half of one:
+#   pid       this runner's pid            log       all output
+#   previous  what ran before: system=, profile=, generation=
+#   armed     "armed WINDOW" (the rollback waits for a decision) or "none: <why>"; written
+#             before status when a rollback was asked for
+#   status    the activation's exit status (the deployer's follower stops here)
+#   decision  a symlink made once, by whoever is first (`ln -s` fails if it exists):
+#             "confirm" (the deployer, over a new connection), "rollback" (the deployer,
+#             after a failed health check, or this runner once WINDOW has passed)
+#   outcome   "confirmed", "rolled-back SECONDS PREVIOUS" or "rollback-failed <why>"
+#   rollback-from  the log's size when the rollback began (its output follows)
+#   child     the pid of the running switch-to-configuration (a session of its own)
+dir=$1 toplevel=$2 goal=$3 set_profile=$4 window=${5:-0} limit=${6:-0} record=${7-}
+WAGGLE_RUN_ID=${8-}
+export WAGGLE_RUN_ID
+profile=/nix/var/nix/profiles/system
 echo "$$" > "$dir/pid.tmp" && mv -f "$dir/pid.tmp" "$dir/pid"
 exec </dev/null >>"$dir/log" 2>&1
+# lock: join
+
+put() { # NAME TEXT: DIR/NAME holds TEXT, written through a rename
+  printf '%s\n' "$2" > "$dir/$1.tmp" && mv -f "$dir/$1.tmp" "$dir/$1"
+}
+
+# record KIND [SYSTEM]: the record's KIND line says SYSTEM, or is removed.
+record() {
+  [ -n "$record" ] || return 0
+  mkdir -p -- "${record%/*}" || return 0
+  { grep -v "^$1 " "$record" 2>/dev/null; [ -z "${2-}" ] || printf '%s %s\n' "$1" "$2"; } \
+    > "$record.tmp" && mv -f "$record.tmp" "$record"
+}
+
+# now: t = the uptime in hundredths of a second (monotonic, no process started).
+now() {
+  read -r up _ < /proc/uptime
+  frac=${up#*.}
+  t=$((${up%.*} * 100 + ${frac#0}))
+}
+
+# bounded CMD...: CMD in a session of its own (so it can be stopped as a whole); after LIMIT
+# seconds TERM, 5 s later KILL. Returns its exit status.
+bounded() {
+  if command -v setsid >/dev/null 2>&1; then setsid "$@" & else "$@" & fi
+  child=$!
+  put child "$child"
+  watchdog=
+  if [ "$limit" -gt 0 ]; then
+    (
+      trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+      sleep "$limit" & nap=$!
+      wait "$nap"
+      echo "waggle: $1 still running after $limit s: stopping it"
+      kill -TERM "-$child" 2>/dev/null
+      sleep 5 & nap=$!
+      wait "$nap"
+      kill -KILL "-$child" 2>/dev/null
+    ) &
+    watchdog=$!
+  fi
+  wait "$child"
+  ended=$?
+  [ -z "$watchdog" ] || kill "$watchdog" 2>/dev/null
+  rm -f "$dir/child"
+  return "$ended"
+}
+
+# What ran before: the running system, the profile's system and generation (system-N-link).
+prev_system=$(readlink -e /run/current-system) || prev_system=
+prev_boot=$(readlink -e "$profile" 2>/dev/null) || prev_boot=
+prev_gen=$(readlink "$profile" 2>/dev/null) || prev_gen=
+prev_gen=${prev_gen##*/}
+prev_gen=${prev_gen#system-}
+prev_gen=${prev_gen%-link}
+case $prev_gen in '' | *[!0-9]*) prev_gen= ;; esac
+put previous "system=$prev_system
+profile=$prev_boot
+generation=$prev_gen"
+
+arm=
+if [ "$window" -gt 0 ]; then
+  case $goal in
+    switch | test)
+      if [ -n "$prev_system" ] && [ -x "$prev_system/bin/switch-to-configuration" ]; then
+        arm=1
+      else
+        put armed "none: no previous system"
+        echo "waggle: no rollback possible: there is no previous system (first deploy)"
+      fi
+      ;;
+  esac
+fi
+
+# Nothing counts as activated while this run changes it (a failure half-way stays unrecorded).
+case $goal in
+  switch) record running; record boot ;;
+  test) record running ;;
+  boot) record boot ;;
+esac
+
+activated() { # record what a successful activation of $1 with goal $2 made true
+  case $2 in
+    switch) record running "$1"; record boot "$1" ;;
+    test) record running "$1" ;;
+    boot) record boot "$1" ;;
+  esac
+}
+
 status=0
+new_link=
 if [ "$set_profile" = 1 ]; then
-  nix-env --profile /nix/var/nix/profiles/system --set "$toplevel" || status=$?
+  nix-env --profile "$profile" --set "$toplevel" || status=$?
   if [ "$status" -ne 0 ]; then
     echo "waggle: setting the system profile failed with exit status $status"
   fi
+  new_link=$(readlink "$profile" 2>/dev/null) || new_link=
 fi
 if [ "$status" -eq 0 ]; then
-  "$toplevel/bin/switch-to-configuration" "$goal" || status=$?
+  bounded "$toplevel/bin/switch-to-configuration" "$goal" || status=$?
 fi
-echo "$status" > "$dir/status.tmp" && mv -f "$dir/status.tmp" "$dir/status"
+if [ "$status" -ne 0 ]; then
+  arm=
+elif [ -n "$arm" ]; then
+  echo "waggle: rollback armed: back to $prev_system unless confirmed within $((window / 100)) s"
+  put armed "armed $window"
+else
+  activated "$toplevel" "$goal"
+fi
+put status "$status"
+
+# The rollback: the profile exactly one step back (the generation that was current before
+# this run; never `--rollback`, which goes back from wherever the profile is now), then the
+# previous system activated again (and, if it was not the boot default, that made the boot
+# default again).
+roll_back() {
+  now
+  began=$t
+  put rollback-from "$(wc -c < "$dir/log")"
+  echo "waggle: rolling back to $prev_system"
+  rc=0
+  if [ "$goal" = switch ]; then
+    if [ -n "$prev_gen" ]; then
+      nix-env --profile "$profile" --switch-generation "$prev_gen" || rc=$?
+    elif [ -n "$new_link" ]; then
+      rm -f -- "$profile" "${profile%/*}/$new_link" || rc=$?  # there was no profile before
+    fi
+    [ "$rc" -eq 0 ] || why="resetting the system profile failed with exit status $rc"
+  fi
+  if [ "$rc" -eq 0 ]; then
+    if [ "$goal" = switch ] && [ "$prev_boot" = "$prev_system" ]; then
+      bounded "$prev_system/bin/switch-to-configuration" switch || rc=$?
+    else
+      bounded "$prev_system/bin/switch-to-configuration" test || rc=$?
+      if [ "$rc" -eq 0 ] && [ "$goal" = switch ] && [ -n "$prev_boot" ]; then
+        bounded "$prev_boot/bin/switch-to-configuration" boot || rc=$?
+      fi
+    fi
+    [ "$rc" -eq 0 ] || why="switch-to-configuration of $prev_system failed with exit status $rc"
+  fi
+  now
+  if [ "$rc" -eq 0 ]; then
+    activated "$prev_system" test
+    [ "$goal" != switch ] || [ -z "$prev_boot" ] || activated "$prev_boot" boot
+    echo "waggle: rolled back to $prev_system"
+    put outcome "rolled-back $((t - began)) $prev_system"
+  else
+    echo "waggle: rollback failed: $why"
+    put outcome "rollback-failed $why"
+  fi
+}
+
+if [ -n "$arm" ]; then
+  # Wait for the decision; once WINDOW has passed, decide to roll back (unless the deployer
+  # was first). Polled quickly at first: confirmations come within a second or so.
+  now
+  end=$((t + window))
+  delay=0.05 n=0
+  while [ ! -L "$dir/decision" ]; do
+    now
+    if [ "$t" -ge "$end" ]; then
+      ln -s rollback "$dir/decision" 2>/dev/null && echo "waggle: not confirmed in time"
+      break
+    fi
+    sleep "$delay"
+    n=$((n + 1))
+    case $n in 20) delay=0.1 ;; 60) delay=0.25 ;; esac
+  done
+  if [ "$(readlink "$dir/decision")" = confirm ]; then
+    activated "$toplevel" "$goal"
+    echo "waggle: confirmed"
+    put outcome confirmed
+  else
+    roll_back
+  fi
+fi
+# lock: leave
 exit "$status"

@@ -1,5 +1,6 @@
 # shellcheck shell=sh
-# Prepare an activation: `sh -c "$(cat activation-setup.sh)" sh DIR METHOD < activation-runner.sh`.
+# Prepare an activation: `sh -c "$(cat activation-running.sh activation-setup.sh)" sh DIR METHOD
+# < activation-runner.sh`.
 # Makes the run directory DIR (mode 0700) with the runner script from stdin as DIR/run.sh and
 # an empty DIR/log; resolves METHOD "auto" to systemd-run where systemd runs, else detached.
 # stdout: `method=...`, then the session's PATH and LOCALE_ARCHIVE for the transient unit.
@@ -7,6 +8,20 @@ set -e
 dir=$1 method=$2
 umask 077
 mkdir -p -- "$dir"
+# Run directories of earlier activations stay when no deployer collected them (one that was
+# killed, or lost the host). Their names sort by time (run ids begin with the time): while
+# there are more than KEEP, the oldest whose runner has ended go.
+keep=10
+set -- "${dir%/*}"/activation-*
+left=$#
+for old in "$@"; do
+  [ "$left" -gt "$keep" ] || break
+  left=$((left - 1))
+  [ "$old" != "$dir" ] || continue
+  pid=
+  read -r pid < "$old/pid" 2>/dev/null || continue
+  running "$pid" || rm -rf -- "$old"
+done
 cat > "$dir/run.sh"
 : > "$dir/log"
 if [ "$method" = auto ]; then
