@@ -160,7 +160,14 @@ async def apply(request: ApplyRequest) -> RunSummary:
     found: ChangeSelection | None = None
     if request.changes is not None and goal is not Goal.UPLOAD_KEYS:
         selection, found, left_alone = await _changed(request, hive, selection, started_at)
-    stages = goal_stages(goal, reboot=request.deploy.reboot, keys=request.deploy.keys)
+    checks = any(c.health_checks for c in selection.configs.values())
+    stages = goal_stages(
+        goal,
+        reboot=request.deploy.reboot,
+        keys=request.deploy.keys,
+        rollback=request.deploy.rollback,
+        health=request.deploy.health_checks and checks,
+    )
     recorder = Recorder()
     stopped: asyncio.CancelledError | None = None
     try:

@@ -19,9 +19,10 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NoReturn
 
 from runner.build import BuildRun, BuildSettings, evaluate_and_build
-from runner.deploy import activation, keys, waves
+from runner.deploy import activation, confirm, health, keys, waves
 from runner.deploy.lock import RunIdentity, hold_lock
 from runner.deploy.push import push_closure
 from runner.errors import WaggleError, failure_text
@@ -35,8 +36,18 @@ from runner.hosts.ssh import SshSettings, ssh_host_for
 from runner.results import NodeResult, Stage, StageResult, Status
 
 
-def goal_stages(goal: Goal, *, reboot: bool = False, keys: bool = True) -> tuple[Stage, ...]:
-    """The stages a goal runs, in order (what reports list for every node)."""
+def goal_stages(
+    goal: Goal,
+    *,
+    reboot: bool = False,
+    keys: bool = True,
+    rollback: bool = False,
+    health: bool = False,
+) -> tuple[Stage, ...]:
+    """The stages a goal runs, in order (what reports list for every node). `rollback`: the
+    magic rollback is on (switch/test without --reboot get a confirm stage); `health`: nodes
+    have health checks to run (after the activation, or the reboot). A rollback stage is
+    listed only where one happened."""
     if goal is Goal.UPLOAD_KEYS:
         return (Stage.KEYS,)
     stages = [Stage.EVAL, Stage.BUILD]
@@ -50,9 +61,24 @@ def goal_stages(goal: Goal, *, reboot: bool = False, keys: bool = True) -> tuple
     stages.append(Stage.ACTIVATE)
     if reboot:
         stages.append(Stage.REBOOT)
+    if health and _checks_health(goal, reboot):
+        stages.append(Stage.HEALTH)
+    if rollback and _arms_rollback(goal, reboot):
+        stages.append(Stage.CONFIRM)
     if keys:
         stages.append(Stage.POST_KEYS)
     return tuple(stages)
+
+
+def _arms_rollback(goal: Goal, reboot: bool) -> bool:
+    """switch and test can go back live; boot has nothing running yet, and a reboot would
+    end the host's wait for the confirmation."""
+    return goal in (Goal.SWITCH, Goal.TEST) and not reboot
+
+
+def _checks_health(goal: Goal, reboot: bool) -> bool:
+    """Health checks run once the new system runs: after switch/test, or after the reboot."""
+    return goal in (Goal.SWITCH, Goal.TEST) or (reboot and goal is Goal.BOOT)
 
 
 @dataclass(frozen=True)
@@ -106,6 +132,8 @@ class _Pipeline:
     emit: Emitter
     stages: list[StageResult] = field(default_factory=list)
     current: Stage = Stage.PUSH  # the stage running, or the next one between stages
+    # The activation whose host waits for a confirmation (magic rollback), until decided.
+    armed: activation.ActivationResult | None = None
 
     def fail(self, stage: Stage, message: str, detail: str = "") -> None:
         """Record `stage` as failed without running it (a check or an error between stages)."""
@@ -226,20 +254,149 @@ class _Pipeline:
         await self.stage(Stage.ACTIVATE, lambda: self.switch(toplevel))
         if settings.reboot:
             await self.stage(Stage.REBOOT, lambda: self.reboot(toplevel))
+        if self.health_checks():
+            await self.after_activation(Stage.HEALTH, self.run_health)
+        if self.armed is not None:
+            await self.after_activation(Stage.CONFIRM, lambda: self.confirmation(toplevel))
+
+    def health_checks(self) -> bool:
+        """Whether this node's health checks run (it has some, they are on, a system runs)."""
+        settings = self.settings
+        return (
+            settings.health_checks
+            and bool(self.config.health_checks)
+            and _checks_health(settings.goal, settings.reboot)
+        )
+
+    def confirm_window(self) -> float:
+        """How long the host waits for the confirmation: the confirm timeout, plus the time
+        the health checks may take (they run between the activation and the confirmation,
+        all at once)."""
+        window = self.settings.confirm_timeout
+        if self.health_checks():
+            window += max(c.timeout for c in self.config.health_checks)
+            window += health.LAST_TRY + health.SSH_GRACE
+        return window
 
     async def switch(self, toplevel: str) -> str:
-        goal = self.settings.goal
+        goal, settings = self.settings.goal, self.settings
+        rollback = settings.rollback and _arms_rollback(goal, settings.reboot)
         result = await activation.activate(
             self.host,
             toplevel,
             str(goal),
             set_profile=goal.sets_profile,
-            timeout=self.settings.activation_timeout,
+            timeout=settings.activation_timeout,
             on_line=lambda line: self.emit.log(self.config.name, line, Stage.ACTIVATE),
+            confirm_window=self.confirm_window() if rollback else 0.0,
+            lock_run_id=settings.run.run_id if settings.run else "",  # the runner holds it
         )
         if not result.ok:
             raise StepError(result.message, detail=result.log_tail)
+        if result.armed:
+            self.armed = result
+        elif rollback:
+            why = "first deploy" if "no previous system" in result.rollback_note else ""
+            return f"{result.message}; no rollback possible: {why or result.rollback_note}"
         return result.message
+
+    async def run_health(self) -> str:
+        return await health.run_health_checks(
+            self.host,
+            self.config.health_checks,
+            default_host=self.config.target_host or "",
+            on_line=lambda line: self.emit.log(self.config.name, line, Stage.HEALTH),
+        )
+
+    async def confirmation(self, toplevel: str) -> str:
+        """Confirm over a new connection before the host's window ends; else the host goes
+        back (and this stage fails with "rolled back: not confirmed within N s")."""
+        armed = self.armed
+        assert armed is not None
+        deadline = armed.ended_at + self.confirm_window()
+        done = await confirm.confirm(
+            self.host, armed.directory, deadline=deadline, toplevel=toplevel
+        )
+        if not done.confirmed:
+            why = f" ({done.why})" if done.why else ""
+            raise confirm.NotConfirmedError(
+                f"not confirmed within {self.settings.confirm_timeout:g} s{why}",
+                outcome=done.outcome,
+            )
+        self.armed = None
+        return f"Confirmed over a new SSH connection in {done.seconds:.1f} s"
+
+    async def after_activation(self, stage: Stage, work: Callable[[], Awaitable[str]]) -> None:
+        """A stage between the activation and its confirmation. If it fails while the host
+        waits for a confirmation, the host is rolled back first and the failure says so
+        ("rolled back: <why>"), followed by a rollback stage saying how that went."""
+        node = self.config.name
+        started_at, start = time.time(), time.monotonic()
+        self.emit.start(node, stage)
+        self.current = stage
+        try:
+            message = await work()
+        except Exception as e:
+            why, detail = failure_text(e)
+            if self.armed is None:
+                failed = StageResult(
+                    stage, Status.FAILED, time.monotonic() - start, why, detail, started_at
+                )
+                self.stages.append(failed)
+                self.emit.end(node, failed)
+                raise _StageFailedError(failed) from e
+            known = e.outcome if isinstance(e, confirm.NotConfirmedError) else None
+            seconds = time.monotonic() - start
+            await self.roll_back(stage, why, detail, started_at, seconds, known)
+        result = StageResult(
+            stage, Status.OK, time.monotonic() - start, message, started_at=started_at
+        )
+        self.stages.append(result)
+        self.emit.end(node, result)
+
+    async def roll_back(
+        self,
+        stage: Stage,
+        why: str,
+        detail: str,
+        started_at: float,
+        seconds: float,
+        known: confirm.Outcome | None = None,
+    ) -> NoReturn:
+        """Have the armed host go back (now, or it did already: `known`, its final outcome
+        as read already); record `stage` as failed with the outcome in its message, then
+        the rollback stage."""
+        armed, node = self.armed, self.config.name
+        assert armed is not None
+        self.armed = None
+        began_at, began = time.time(), time.monotonic()
+        self.emit.start(node, Stage.ROLLBACK)
+        self.current = Stage.ROLLBACK
+        limit = self.settings.activation_timeout + activation.GRACE
+        outcome = known
+        if outcome is None or not outcome.final:
+            outcome = await confirm.roll_back(self.host, armed.directory, timeout=limit)
+        if outcome.rolled_back:
+            message, status = f"rolled back: {why}", Status.OK
+        else:
+            message, status = f"{why}; {outcome.describe()}", Status.FAILED
+        facts: Facts = ()
+        if outcome.host_seconds is not None:
+            facts = (("host_seconds", outcome.host_seconds),)
+        failed = StageResult(stage, Status.FAILED, seconds, message, detail, started_at)
+        back = StageResult(
+            Stage.ROLLBACK,
+            status,
+            time.monotonic() - began,
+            outcome.describe(),
+            outcome.log,
+            began_at,
+            facts,
+        )
+        self.stages += [failed, back]
+        self.emit.end(node, failed)
+        self.emit.end(node, back)
+        raise _StageFailedError(failed)
 
     async def reboot(self, toplevel: str) -> str:
         result = await activation.reboot_and_wait(
@@ -292,15 +449,7 @@ async def _nothing() -> str:
 
 
 def _unchanged(goal: Goal, toplevel: str, current: activation.CurrentSystem) -> bool:
-    running = current.current == toplevel
-    booting = current.profile == toplevel
-    if goal is Goal.SWITCH:
-        return running and booting
-    if goal is Goal.BOOT:
-        return booting
-    if goal is Goal.TEST:
-        return running
-    return False  # dry-activate always runs: it only reports
+    return current.runs(str(goal), toplevel)  # Waggle recorded that activation as a success
 
 
 async def _keys(
