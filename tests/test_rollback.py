@@ -9,12 +9,14 @@ the host must go back by itself. Timeouts are small (a confirm timeout of 3 s).
 from __future__ import annotations
 
 import glob
+import http.server
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -282,3 +284,78 @@ def test_no_rollback_switches_as_before(fleet, tmp_path):
     assert [s["stage"] for s in node["stages"]][-2:] == ["activate", "post-keys"]
     assert node["rolled_back"] is False
     assert wait_for(host2.accepts, 10)
+
+
+class _Ok(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"ok\n")
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        return
+
+
+def test_failing_health_checks_roll_back_and_passing_ones_are_confirmed(fleet, tmp_path):
+    baseline(tmp_path, fleet)
+    before = {n: running(fleet[n]) for n in NAMES}
+    server = http.server.ThreadingHTTPServer((fleet["host3"].address, 0), _Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    quick = "period = 0.2; timeout = 1;"
+    checks = {
+        "host1": f"""{{ deployment.healthChecks.cmd = [
+            {{ description = "marker"; cmd = [ "test" "-e" "/run/no-such-marker" ]; {quick} }}
+        ]; }}""",
+        "host2": f"""{{ deployment.healthChecks.http = [
+            {{ description = "front page"; host = "{fleet["host2"].address}"; port = {port}; {quick} }}
+        ]; }}""",
+        "host3": f"""{{ deployment.healthChecks = {{
+            cmd = [ {{ description = "up"; cmd = [ "true" ]; {quick} }} ];
+            http = [ {{ description = "front page"; host = "{fleet["host3"].address}"; port = {port}; {quick} }} ];
+        }}; }}""",
+    }
+    release = uuid.uuid4().hex[:8]
+    write(tmp_path, release, **checks)
+    report = tmp_path / "run.json"
+    md = tmp_path / "run.md"
+    try:
+        done = apply(
+            tmp_path, fleet, "switch", "--report-json", str(report), "--report-md", str(md)
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 1, done.stdout + done.stderr
+    out = rows(done)
+    assert out["host1"][0] == "failed" and out["host2"][0] == "failed", done.stdout
+    assert out["host1"][1].startswith("health: rolled back: health check"), out["host1"]
+    assert "marker" in out["host1"][1]
+    assert out["host2"][1].startswith("health: rolled back: health check"), out["host2"]
+    assert out["host3"][0] == "ok", done.stdout
+    nodes = {n["name"]: n for n in json.loads(report.read_text())["nodes"]}
+    for name in ("host1", "host2"):
+        assert running(fleet[name]) == before[name]  # went back
+        assert nodes[name]["rolled_back"] is True and nodes[name]["failed_stage"] == "health"
+        stages = [s["stage"] for s in nodes[name]["stages"]]
+        assert stages[-3:] == ["activate", "health", "rollback"], stages  # never confirmed
+    assert fleet["host3"].resolve("/etc/release").read_text() == release
+    stages = {s["stage"]: s["status"] for s in nodes["host3"]["stages"]}
+    assert stages["health"] == "ok" and stages["confirm"] == "ok"
+    text = md.read_text()
+    assert text.index("host1") < text.index("host3") and "rolled back" in text
+
+
+def test_a_failing_health_check_without_rollback_fails_the_node_only(fleet, tmp_path):
+    baseline(tmp_path, fleet)
+    module = """{ deployment.healthChecks.cmd = [
+        { description = "never"; cmd = [ "false" ]; period = 0.2; timeout = 0.5; }
+    ]; }"""
+    write(tmp_path, uuid.uuid4().hex[:8], host1=module)
+    new = built(tmp_path, "host1")
+    done = apply(tmp_path, fleet, "switch", "--on", "host1", "--no-rollback")
+    assert done.returncode == 1
+    assert rows(done)["host1"][1].startswith("health: health check"), done.stdout
+    assert running(fleet["host1"]) == new  # no rollback asked for: the new system stays
+    skipped = apply(tmp_path, fleet, "switch", "--on", "host1", "--no-health-checks", "--force")
+    assert skipped.returncode == 0 and rows(skipped)["host1"][0] == "ok", skipped.stdout

@@ -86,7 +86,8 @@ def _case(node: NodeResult, name: str, stage: Stage, stages: tuple[Stage, ...]) 
     result = stage_result(node, stage)
     if result is None:
         case = TestCase(name, classname=classname(stage), elapsed_sec=0.0)
-        case.add_skipped_info(message=not_reached_reason(node, stage, stages))
+        reason = "no rollback" if stage is Stage.ROLLBACK else None
+        case.add_skipped_info(message=reason or not_reached_reason(node, stage, stages))
         return case
     case = TestCase(
         name,
@@ -99,7 +100,7 @@ def _case(node: NodeResult, name: str, stage: Stage, stages: tuple[Stage, ...]) 
     if result.status is Status.FAILED:
         case.add_failure_info(
             message=one_line(result.message, MESSAGE_CHARS) or f"{stage} failed",
-            output=_failure_text(result),
+            output=_failure_text(result, _rollback_of(node, result)),
             failure_type=classname(stage),
         )
     elif result.status is Status.SKIPPED:
@@ -107,15 +108,28 @@ def _case(node: NodeResult, name: str, stage: Stage, stages: tuple[Stage, ...]) 
     else:
         out = [clean_text(result.message[:4000])] if result.message.strip() else []
         out += [f"{k}={one_line(str(v))}" for k, v in result.facts]
+        if stage is Stage.ROLLBACK and result.detail.strip():
+            out.append(log_tail(result.detail))  # what the host printed while going back
         if out:
             case.stdout = "\n".join(out)
     return case
 
 
-def _failure_text(result: StageResult) -> str:
+def _rollback_of(node: NodeResult, failed: StageResult) -> StageResult | None:
+    """The rollback that `failed` (a health or confirm failure) caused, if there was one:
+    it is recorded right after the stage that caused it."""
+    if failed.stage is Stage.ROLLBACK or failed not in node.stages:
+        return None
+    after = node.stages[node.stages.index(failed) + 1 :]
+    return after[0] if after and after[0].stage is Stage.ROLLBACK else None
+
+
+def _failure_text(result: StageResult, rollback: StageResult | None = None) -> str:
     message = clean_text(result.message[:4000]).strip()
+    back = f"rollback: {one_line(rollback.message, MESSAGE_CHARS)}" if rollback else ""
     tail = log_tail(result.detail)
-    return "\n\n".join(part for part in (message, tail) if part) or f"{result.stage} failed"
+    parts = (message, back, tail)
+    return "\n\n".join(part for part in parts if part) or f"{result.stage} failed"
 
 
 def write_junit(summary: RunSummary, path: Path) -> None:

@@ -175,7 +175,10 @@ def open_fence(text: str) -> str | None:
 
 def _headline(summary: RunSummary) -> str:
     counts = status_counts(summary.nodes)
+    rolled = sum(1 for n in summary.nodes if n.rolled_back)
     parts = [f"{counts['ok']} ok", f"{counts['failed']} failed"]
+    if rolled:
+        parts[-1] += f", {rolled} of them rolled back"
     parts += [f"{counts[s]} {s}" for s in ("unchanged", "skipped") if counts[s]]
     total = len(summary.nodes)
     return (
@@ -262,7 +265,8 @@ def _table(summary: RunSummary, nodes: Sequence[NodeResult]) -> list[str]:
         why = f" ({escape(node.reason, 80)})" if node.reason else ""
         cells = [f"**{name}**" if status == "failed" else name]
         cells += [str(node.wave) if node.wave is not None else "—"] if waves else []
-        cells.append(f"{_ICON[status]} {status}{why}")
+        shown = f"{status}, rolled back" if node.rolled_back else status
+        cells.append(f"{_ICON[status]} {shown}{why}")
         cells += [_stage_cell(node, s) for s in stages]
         if pushed:
             cells.append(_pushed_cell(node))
@@ -313,7 +317,11 @@ class _Report:
         self.limit = limit
         # failed nodes first, then the others; selection order within each
         # by wave (with --waves), failed nodes first within each; then selection order
-        self.nodes = sorted(summary.nodes, key=lambda n: (n.wave or 0, node_status(n) != "failed"))
+        # by wave; in each, rolled-back nodes first, then the other failed ones, then the rest
+        self.nodes = sorted(
+            summary.nodes,
+            key=lambda n: (n.wave or 0, node_status(n) != "failed", not n.rolled_back),
+        )
         self.failed = [n for n in self.nodes if node_status(n) == "failed"]
         self._tails: dict[int, tuple[list[str], int]] = {}
 
@@ -355,8 +363,11 @@ class _Report:
     def section(self, node: NodeResult, tail: tuple[int, int] | None) -> list[str]:
         failures = [s for s in node.stages if s.status is Status.FAILED]
         stages = ", ".join(str(s.stage) for s in failures)
-        lines = [f"### ❌ {escape(node.name, 200)}: {stages} failed"]
-        for failed in failures:
+        what = f"rolled back ({stages} failed)" if node.rolled_back else f"{stages} failed"
+        lines = [f"### ❌ {escape(node.name, 200)}: {what}"]
+        # A rollback that worked is shown too: where the host went, and what it printed.
+        back = [s for s in node.stages if s.stage is Stage.ROLLBACK and s.status is Status.OK]
+        for failed in failures + back:
             message = escape(failed.message, _MESSAGE_CHARS) or "failed"
             lines += ["", f"**{failed.stage}:** {message}"]
             kept, omitted = self.tail(failed, tail) if tail else ([], 0)
