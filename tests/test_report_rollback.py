@@ -80,7 +80,9 @@ RUN = summary(
 def test_markdown_lists_rolled_back_nodes_first_with_the_check_output_and_the_rollback():
     text = markdown(RUN)
     lines = text.splitlines()
-    assert lines[0].startswith("## Waggle: apply switch — 1 ok, 3 failed, 1 of them rolled back (of")
+    assert lines[0].startswith(
+        "## Waggle: apply switch — 1 ok, 3 failed, 1 of them rolled back (of"
+    )
     rows = [line for line in lines if line.startswith("| ") and "---" not in line][1:]
     assert [r.split(" | ")[0].strip("|* ") for r in rows] == ["web2", "db1", "web3", "web1"]
     assert "❌ failed, rolled back" in rows[0]
