@@ -359,3 +359,22 @@ def test_a_failing_health_check_without_rollback_fails_the_node_only(fleet, tmp_
     assert running(fleet["host1"]) == new  # no rollback asked for: the new system stays
     skipped = apply(tmp_path, fleet, "switch", "--on", "host1", "--no-health-checks", "--force")
     assert skipped.returncode == 0 and rows(skipped)["host1"][0] == "ok", skipped.stdout
+
+
+def test_changed_since_deploys_a_host_whose_switch_failed_half_way(fleet, tmp_path):
+    # Nothing in the commit touches host1, but its last switch failed after setting the
+    # profile: the host counts as drifted, not unchanged, until an activation succeeds.
+    baseline(tmp_path, fleet)
+    release = uuid.uuid4().hex[:8]
+    write(tmp_path, release, host1=FLAKY.replace("@RELEASE@", release))
+    target = built(tmp_path, "host1")
+    first = apply(tmp_path, fleet, "switch", "--on", "host1")
+    assert first.returncode == 1 and running(fleet["host1"]) == target, first.stdout
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run([*git, "init", "-q", "-b", "main"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "add", "hive.nix"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], cwd=tmp_path, check=True)
+    done = apply(tmp_path, fleet, "switch", "--changed-since", "HEAD", "--on", "host1", "-v")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert rows(done)["host1"][0] == "ok", done.stdout
+    assert "host1: deploying (drift: no successful activation" in done.stderr, done.stderr

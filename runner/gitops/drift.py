@@ -44,6 +44,8 @@ async def find_drift(
                     await host.close()
         if running.current != expected:
             found[name] = f"drift: the host runs {running.current or 'no system'}"
+        elif running.activated != expected:  # e.g. a switch that failed half-way
+            found[name] = "drift: no successful activation of this system was recorded there"
 
     await asyncio.gather(*(check(n, out) for n, out in head_outs.items()))
     return found
