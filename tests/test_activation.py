@@ -127,8 +127,10 @@ def profile(host: TestHost) -> Path:
 
 
 def run_dirs(host: TestHost) -> list[str]:
+    """The activation run directories in /run/waggle (not the host lock's files there)."""
     state = host.path("/run/waggle")
-    return sorted(p.name for p in state.iterdir()) if state.exists() else []
+    found = state.iterdir() if state.exists() else iter(())
+    return sorted(p.name for p in found if p.name.startswith("activation-"))
 
 
 def activation_processes(host: TestHost, *needles: str) -> list[str]:

@@ -10,7 +10,9 @@ seconds (`standin.activation.hangSeconds`) and an activation snippet appends `en
 - with a small --lock-timeout the second run fails those nodes with "host locked by run
   <the first run's id> from <deployer> since <time>";
 - a run killed (SIGKILL) mid-activation leaves the host locked by its detached activation
-  until that ends; then the lock is free by itself and the next run goes ahead.
+  until that ends; then the lock is free by itself and the next run goes ahead;
+- a run killed while its hosts wait for the confirmation (magic rollback) leaves them
+  locked until they have rolled back: the rollback never undoes the next run's switch.
 """
 
 from __future__ import annotations
@@ -60,11 +62,11 @@ def fleet(tmp_path_factory) -> Iterator[Fleet]:
 class Run:
     """One hive of its own (its own release, so its own system) and its `waggle apply`."""
 
-    def __init__(self, directory: Path, fleet: Fleet, hang: int) -> None:
+    def __init__(self, directory: Path, fleet: Fleet, hang: int, node: str = "{ }") -> None:
         directory.mkdir()
         self.dir, self.fleet = directory, fleet
         self.release = uuid.uuid4().hex
-        nodes = "\n".join(f"  {n} = {{ ... }}: {{ }};" for n in NAMES)
+        nodes = "\n".join(f"  {n} = {{ ... }}: {node};" for n in NAMES)
         text = HIVE.replace("@RELEASE@", self.release).replace("@HANG@", str(hang))
         write_hive(directory, text.replace("@NODES@", nodes))
         self.report = directory / "report.json"
@@ -80,7 +82,7 @@ class Run:
         )
         assert built.returncode == 0, built.stderr  # built now: the apply goes straight on
 
-    def start(self, *args: str) -> None:
+    def start(self, *args: str, rollback: bool = False) -> None:
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -89,7 +91,7 @@ class Run:
                 "apply",
                 "switch",
                 "--plain",
-                "--no-rollback",
+                *(() if rollback else ("--no-rollback",)),
                 "--ssh-config",
                 str(self.fleet.ssh_config),
                 "--report-json",
@@ -123,11 +125,11 @@ class Run:
 
 
 @pytest.fixture
-def runs(fleet: Fleet, tmp_path: Path) -> Iterator[Callable[[int], Run]]:
+def runs(fleet: Fleet, tmp_path: Path) -> Iterator[Callable[..., Run]]:
     made: list[Run] = []
 
-    def make(hang: int) -> Run:
-        made.append(Run(tmp_path / f"run{len(made) + 1}", fleet, hang))
+    def make(hang: int, node: str = "{ }") -> Run:
+        made.append(Run(tmp_path / f"run{len(made) + 1}", fleet, hang, node))
         return made[-1]
 
     yield make
@@ -234,3 +236,31 @@ def test_a_killed_run_leaves_the_host_locked_until_its_activation_ends(fleet, ru
     assert_whole_runs_in_turn(fleet, before, first, second)
     for name in NAMES:
         assert lock_lines(fleet[name]) == []
+
+
+def test_a_pending_rollback_never_undoes_the_next_runs_switch(fleet, runs):
+    base = runs(0)
+    base.start()
+    assert base.wait()[0] == 0  # a previous system to roll back to
+    # The first run is killed during its health check, before it could confirm: its hosts
+    # wait out their window (confirm timeout + check timeout + 2 s), then roll back.
+    slow = '[ { cmd = [ "sleep" "30" ]; description = "slow"; timeout = 2; } ]'
+    first = runs(0, f"{{ deployment.healthChecks.cmd = {slow}; }}")
+    second = runs(0)
+    before = {n: len(log_of(fleet[n])) for n in NAMES}
+    first.start("--confirm-timeout", "6", rollback=True)
+    ended = lambda: all(f"end {first.release}" in log_of(fleet[n]) for n in NAMES)
+    wait_for(ended, 60, "the first run's activations", first)
+    assert first.proc is not None
+    first.proc.kill()
+    first.wait()
+    second.start("--lock-timeout", "60")
+    code2, out2 = second.wait()
+    assert code2 == 0, out2
+    assert "waiting for the host lock: held by run" in out2, out2
+    for name in NAMES:
+        host = fleet[name]
+        new = [line.split()[:2] for line in log_of(host)[before[name] :]]
+        assert [w[1] for w in new[1::2]] == [first.release, base.release, second.release], new
+        assert new[4][1] == host.readlink("/run/current-system")  # the second run's system
+        assert lock_lines(host) == []

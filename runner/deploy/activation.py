@@ -126,7 +126,8 @@ class Reconnectable(Protocol):
 # parameters, see each file for its arguments) ----------------------------------------
 
 SETUP_SCRIPT = script("activation-running.sh") + script("activation-setup.sh")  # DIR METHOD
-RUNNER_SCRIPT = script("activation-runner.sh", comments=True)  # DIR/run.sh on the host
+# DIR/run.sh on the host: the host lock's functions, then the runner (which holds the lock).
+RUNNER_SCRIPT = script("lock-lib.sh", comments=True) + script("activation-runner.sh", comments=True)
 DETACH_SCRIPT = script("activation-detach.sh")  # sh -c DETACH sh LOG ARGV...
 FOLLOW_SCRIPT = script("activation-running.sh") + script("activation-follow.sh")
 STOP_SCRIPT = script("activation-running.sh") + script("activation-stop.sh")

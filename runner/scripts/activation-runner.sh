@@ -29,6 +29,22 @@ profile=/nix/var/nix/profiles/system
 echo "$$" > "$dir/pid.tmp" && mv -f "$dir/pid.tmp" "$dir/pid"
 exec </dev/null >>"$dir/log" 2>&1
 # lock: join
+# The host lock (lock-lib.sh comes before this script in run.sh), kept in the state directory
+# that holds DIR (/run/waggle): held by this runner for as long as it lives, the rollback's
+# wait included, so a deployer gone mid-activation leaves the host locked until this ends.
+WAGGLE_LOCK_DIR=${dir%/*}
+export WAGGLE_LOCK_DIR
+held=$(waggle_lock_join activation)
+case $? in
+  0) ;;
+  1)
+    held=${held#held } && by=${held#* }
+    echo "waggle: not activating: host locked by run ${held%% *} from ${by%% *} since ${by#* }"
+    echo 75 > "$dir/status.tmp" && mv -f "$dir/status.tmp" "$dir/status"
+    exit 75
+    ;;
+  *) echo "waggle: warning: activating without the host lock" ;;
+esac
 
 put() { # NAME TEXT: DIR/NAME holds TEXT, written through a rename
   printf '%s\n' "$2" > "$dir/$1.tmp" && mv -f "$dir/$1.tmp" "$dir/$1"
@@ -205,4 +221,5 @@ if [ -n "$arm" ]; then
   fi
 fi
 # lock: leave
+waggle_lock_leave
 exit "$status"
