@@ -3,7 +3,8 @@
 - the shell functions, run here under dash and bash on a lock directory of the test's own:
   join on a free host, refusal while another run's holder lives, joining one's own run,
   dead holders (no such process, another boot, a reused pid) ignored and dropped, no
-  flock, bad words;
+  flock, bad words; lock.sh's heartbeat; the activation runner joining its run's lock and
+  refusing a host another run holds;
 - `hold_lock` against real sshd hosts: taking and releasing, stale lines ignored, another
   run's lock waited for and then reported, the lock taken again after a reconnect, a lock
   lost to another run reported, lock.sh letting go when the heartbeat stops.
@@ -190,6 +191,55 @@ def test_lock_sh_holds_until_eof_or_a_silent_stdin(shell, tmp_path):
             first.kill()
         first.wait()
         first.stdout.close()
+
+
+def run_runner(tmp_path: Path, run_id: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """The activation runner (run.sh as sent) with a system that only logs that it ran."""
+    from runner.deploy.activation import RUNNER_SCRIPT
+
+    toplevel = tmp_path / "system"
+    (toplevel / "bin").mkdir(parents=True)
+    stc = toplevel / "bin" / "switch-to-configuration"
+    stc.write_text(f"#!/bin/sh\necho activated >> {tmp_path / 'ran'}\n")
+    stc.chmod(0o755)
+    run_dir = tmp_path / "waggle" / "activation-1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.sh").write_text(RUNNER_SCRIPT)
+    args = [str(run_dir), str(toplevel), "test", "0", "0", "0", "", run_id]
+    done = subprocess.run(
+        ["/bin/sh", str(run_dir / "run.sh"), *args],
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return done, run_dir
+
+
+def test_the_activation_runner_refuses_a_host_another_run_holds(tmp_path):
+    d = tmp_path / "waggle"
+    d.mkdir(mode=0o700)
+    (d / "lock").write_text(holder_line("r1"))
+    done, run_dir = run_runner(tmp_path, "r2")
+    assert done.returncode == 75
+    assert (run_dir / "status").read_text().strip() == "75"
+    log = (run_dir / "log").read_text()
+    assert (
+        "not activating: host locked by run r1 from deployer-r1 since 2024-05-01T12:00:00Z" in log
+    )
+    assert not (tmp_path / "ran").exists()
+    assert [f[2] for f in lines(d)] == ["r1"]
+
+
+def test_the_activation_runner_joins_its_runs_lock_and_leaves_it(tmp_path):
+    d = tmp_path / "waggle"
+    d.mkdir(mode=0o700)
+    (d / "lock").write_text(holder_line("r1"))  # the run's connection (this process)
+    done, run_dir = run_runner(tmp_path, "r1")
+    assert done.returncode == 0, (run_dir / "log").read_text()
+    assert (tmp_path / "ran").read_text() == "activated\n"
+    assert [f[3] for f in lines(d)] == ["connection"]  # the runner's own line went with it
 
 
 def test_without_flock_the_lock_fails_clearly(tmp_path):
