@@ -12,6 +12,11 @@ if [ ! -d "$dir" ]; then echo outcome:gone; exit 0; fi
 [ -z "$want" ] || ln -s "$want" "$dir/decision" 2>/dev/null
 pid=
 read -r pid < "$dir/pid" 2>/dev/null
+# Wake the runner from its nap (it traps USR1) if it still runs: that pid, and that runner.
+if [ -n "$want" ] && [ ! -e "$dir/outcome" ] && running "$pid" \
+  && grep -qF "$dir/run.sh" "/proc/$pid/cmdline" 2>/dev/null; then
+  kill -USR1 "$pid" 2>/dev/null
+fi
 read -r up _ < /proc/uptime
 frac=${up#*.}
 end=$((${up%.*} * 100 + ${frac#0} + wait))

@@ -26,6 +26,7 @@ dir=$1 toplevel=$2 goal=$3 set_profile=$4 window=${5:-0} limit=${6:-0} record=${
 WAGGLE_RUN_ID=${8-}
 export WAGGLE_RUN_ID
 profile=/nix/var/nix/profiles/system
+trap 'woken=1' USR1  # a decision was made (activation-decide.sh): before the pid is known
 echo "$$" > "$dir/pid.tmp" && mv -f "$dir/pid.tmp" "$dir/pid"
 exec </dev/null >>"$dir/log" 2>&1
 # lock: join
@@ -85,8 +86,13 @@ bounded() {
     ) &
     watchdog=$!
   fi
-  wait "$child"
-  ended=$?
+  while :; do
+    woken=
+    wait "$child"
+    ended=$?
+    # A USR1 (see below) ends `wait` early: wait again while the command still runs.
+    if [ -z "$woken" ] || ! kill -0 "$child" 2>/dev/null; then break; fi
+  done
   [ -z "$watchdog" ] || kill "$watchdog" 2>/dev/null
   rm -f "$dir/child"
   return "$ended"
@@ -198,19 +204,24 @@ roll_back() {
 
 if [ -n "$arm" ]; then
   # Wait for the decision; once WINDOW has passed, decide to roll back (unless the deployer
-  # was first). Polled quickly at first: confirmations come within a second or so.
+  # was first). Whoever decides sends USR1, which ends the nap at once; naps of at most 1 s
+  # bound the delay should the signal come between the check and the nap.
   now
   end=$((t + window))
-  delay=0.05 n=0
   while [ ! -L "$dir/decision" ]; do
     now
     if [ "$t" -ge "$end" ]; then
       ln -s rollback "$dir/decision" 2>/dev/null && echo "waggle: not confirmed in time"
       break
     fi
-    sleep "$delay"
-    n=$((n + 1))
-    case $n in 20) delay=0.1 ;; 60) delay=0.25 ;; esac
+    nap=$((end - t))
+    [ "$nap" -le 100 ] || nap=100
+    cs=$((nap % 100))
+    [ "$cs" -ge 10 ] || cs=0$cs
+    sleep "$((nap / 100)).$cs" &
+    napping=$!
+    wait "$napping"
+    kill "$napping" 2>/dev/null
   done
   if [ "$(readlink "$dir/decision")" = confirm ]; then
     activated "$toplevel" "$goal"
