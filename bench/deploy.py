@@ -8,9 +8,18 @@ For each fleet size N (fresh hosts, empty stores each time) it times:
   parallelism (one nix-instantiate for all nodes, then per host in parallel:
   nix-store --export | ssh nix-store --import, ssh nix-env --set, ssh
   switch-to-configuration), with OpenSSH.
-and prints wall times and the ratios. Needs root (the fleet).
+and prints wall times and the ratios. Then, for the magic rollback (`--rollback-hosts N`,
+default 32 hosts at once, best of `--repeat`):
+- what a confirmed switch adds: `apply switch` against `apply switch --no-rollback`, each
+  time to a new system on every host (the confirmations' new connections included), and the
+  confirm stages' own seconds from the JSON report;
+- what a rollback takes: every host's health check fails at once (the deployer asks for
+  the rollback), and every host blocks new logins so that nobody can confirm (the hosts go
+  back by themselves after `--confirm-timeout 2`): wall time, the rollback stages' seconds
+  and the hosts' own time for it (the `host_seconds` fact).
+Needs root (the fleet).
 
-    .venv/bin/python bench/deploy.py [--sizes 1,4,16,32]
+    .venv/bin/python bench/deploy.py [--sizes 1,4,16,32] [--rollback-hosts 32] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -43,6 +52,22 @@ let pkgs = import {standin} {{ }}; in
 }} // builtins.listToAttrs (map (i: {{ name = "host${{toString i}}"; value = {{ }}; }}) (builtins.genList (i: i + 1) {count}))
 """
 WAGGLE = [sys.executable, "-m", "runner"]
+ROLLBACK_HIVE = """
+let pkgs = import {standin} {{ }}; in
+{{
+  meta.nixpkgs = pkgs;
+  defaults = {{ name, pkgs, ... }}: {{
+    networking.hostName = name;
+    environment.systemPackages = [ pkgs.hello pkgs.curl pkgs.jq ];
+    environment.etc.release.text = "{release}";
+    {extra}
+  }};
+}} // builtins.listToAttrs (map (i: {{ name = "host${{toString i}}"; value = {{ }}; }}) (builtins.genList (i: i + 1) {count}))
+"""
+FAILING_CHECK = (
+    'deployment.healthChecks.cmd = [ { description = "never"; cmd = [ "false" ];'
+    " period = 0.1; timeout = 0.1; } ];"
+)
 
 
 def timed(argv: list[str], cwd: Path) -> tuple[float, subprocess.CompletedProcess[str]]:
@@ -107,15 +132,91 @@ def floor(hive: Path, fleet: Fleet) -> float:
     return time.monotonic() - start
 
 
+def _stage_seconds(report: Path, stage: str, fact: str | None = None) -> list[float]:
+    import json
+
+    found = []
+    for node in json.loads(report.read_text())["nodes"]:
+        for s in node["stages"]:
+            if s["stage"] == stage:
+                found.append(float(s["facts"][fact]) if fact else float(s["seconds"]))
+    return found
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    values = sorted(values)
+    return f"median {values[len(values) // 2]:.2f} s, max {values[-1]:.2f} s"
+
+
+def rollback_bench(tmp: Path, n: int, repeat: int) -> None:
+    """What the magic rollback costs on `n` hosts at once (see the module doc)."""
+    hive_dir = tmp / "rollback"
+    hive_dir.mkdir()
+    hive = hive_dir / "hive.nix"
+
+    def write(release: str, extra: str = "") -> None:
+        hive.write_text(
+            ROLLBACK_HIVE.format(standin=STANDIN, count=n, release=release, extra=extra)
+        )
+        timed([*WAGGLE, "build"], hive_dir)  # built outside the timings
+
+    with Fleet.start(
+        tmp / "fleet-rollback", n, first_octet=free_first_octet(n), etc="overlay"
+    ) as f:
+        base = ["apply", "switch", "--ssh-config", str(f.ssh_config), "--no-substitute"]
+        base += ["--parallel", str(n)]
+        write("first")
+        timed([*WAGGLE, *base, "--no-rollback"], hive_dir)  # every host has a previous system
+        plain: list[float] = []
+        confirmed: list[float] = []
+        confirm_stages: list[float] = []
+        for i in range(repeat):
+            write(f"plain-{i}")
+            plain.append(timed([*WAGGLE, *base, "--no-rollback"], hive_dir)[0])
+            write(f"confirmed-{i}")
+            report = hive_dir / f"confirmed-{i}.json"
+            confirmed.append(timed([*WAGGLE, *base, "--report-json", str(report)], hive_dir)[0])
+            confirm_stages += _stage_seconds(report, "confirm")
+        assert len(confirm_stages) == n * repeat, "every host must have been confirmed"
+        added = min(confirmed) - min(plain)
+        print(f"\nmagic rollback, {n} hosts at once (best of {repeat}):")
+        print(
+            f"  switch --no-rollback {min(plain):.2f} s, switch (confirmed) {min(confirmed):.2f} s:"
+        )
+        print(f"  a confirmed switch adds {added:.2f} s (target <= 0.5 s)")
+        print(f"  confirm stages: {_spread(confirm_stages)}")
+        for label, extra, flags in (
+            ("a failed health check (rollback asked for)", FAILING_CHECK, []),
+            ("no confirmation (logins blocked, confirm timeout 2 s)",
+             "standin.activation.blockLogins = 60;", ["--confirm-timeout", "2"]),
+        ):  # fmt: skip
+            write(f"bad-{len(label)}", extra)
+            report = hive_dir / f"bad-{len(label)}.json"
+            argv = [*WAGGLE, *base, *flags, "--report-json", str(report)]
+            start = time.monotonic()
+            done = subprocess.run(argv, cwd=hive_dir, capture_output=True, text=True, check=False)
+            wall = time.monotonic() - start
+            assert done.returncode == 1, done.stdout + done.stderr
+            rolled = _stage_seconds(report, "rollback")
+            assert len(rolled) == n, done.stdout
+            print(f"  rollback after {label}: the run took {wall:.2f} s;")
+            print(f"    rollback stages {_spread(rolled)};")
+            print(f"    on the hosts {_spread(_stage_seconds(report, 'rollback', 'host_seconds'))}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="1,4,16,32")
+    parser.add_argument("--rollback-hosts", type=int, default=32, help="0: skip")
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     os.environ.setdefault("NIX_CONFIG", "substituters =")
     print(f"machine: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n in (int(s) for s in args.sizes.split(",")):
+        for n in (int(s) for s in args.sizes.split(",") if s.strip()):
             hive_dir = Path(tmp) / f"hive{n}"
             hive_dir.mkdir()
             hive = hive_dir / "hive.nix"
@@ -156,6 +257,9 @@ def main() -> None:
             f"{n:>5} {r['parallel']:>10.2f} {r['serial']:>9.2f} {r['noop']:>8.2f} {r['floor']:>8.2f} "
             f"{r['parallel'] / r['floor']:>8.2f}x {vs_one:>9}"
         )
+    if args.rollback_hosts > 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            rollback_bench(Path(tmp), args.rollback_hosts, args.repeat)
 
 
 if __name__ == "__main__":
