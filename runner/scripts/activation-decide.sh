@@ -20,7 +20,7 @@ fi
 read -r up _ < /proc/uptime
 frac=${up#*.}
 end=$((${up%.*} * 100 + ${frac#0} + wait))
-delay=0.05 n=0
+delay=0.02 n=0
 while [ ! -e "$dir/outcome" ]; do
   if ! running "$pid"; then
     [ -e "$dir/outcome" ] || break
@@ -30,7 +30,7 @@ while [ ! -e "$dir/outcome" ]; do
   [ $((${up%.*} * 100 + ${frac#0})) -lt "$end" ] || break
   sleep "$delay"
   n=$((n + 1))
-  [ "$n" -lt 40 ] || delay=0.2
+  case $n in 10) delay=0.05 ;; 50) delay=0.2 ;; esac
 done
 echo "decision:$(readlink "$dir/decision" 2>/dev/null)"
 if [ -e "$dir/outcome" ]; then

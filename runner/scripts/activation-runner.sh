@@ -51,12 +51,22 @@ put() { # NAME TEXT: DIR/NAME holds TEXT, written through a rename
   printf '%s\n' "$2" > "$dir/$1.tmp" && mv -f "$dir/$1.tmp" "$dir/$1"
 }
 
-# record KIND [SYSTEM]: the record's KIND line says SYSTEM, or is removed.
+# The record: read once (the host lock keeps other runs' runners away while this one lives),
+# written whole by `record KIND [SYSTEM]` (KIND's line says SYSTEM, or is removed).
+rec_running='' rec_boot=''
+if [ -n "$record" ] && [ -r "$record" ]; then
+  while read -r kind system; do
+    case $kind in running) rec_running=$system ;; boot) rec_boot=$system ;; esac
+  done < "$record"
+fi
 record() {
+  case $1 in running) rec_running=${2-} ;; boot) rec_boot=${2-} ;; esac
   [ -n "$record" ] || return 0
-  mkdir -p -- "${record%/*}" || return 0
-  { grep -v "^$1 " "$record" 2>/dev/null; [ -z "${2-}" ] || printf '%s %s\n' "$1" "$2"; } \
-    > "$record.tmp" && mv -f "$record.tmp" "$record"
+  [ -d "${record%/*}" ] || mkdir -p -- "${record%/*}" || return 0
+  {
+    [ -z "$rec_running" ] || printf 'running %s\n' "$rec_running"
+    [ -z "$rec_boot" ] || printf 'boot %s\n' "$rec_boot"
+  } > "$record.tmp" && mv -f "$record.tmp" "$record"
 }
 
 # now: t = the uptime in hundredths of a second (monotonic, no process started).
@@ -126,14 +136,14 @@ fi
 
 # Nothing counts as activated while this run changes it (a failure half-way stays unrecorded).
 case $goal in
-  switch) record running; record boot ;;
+  switch) rec_running='' && record boot ;;
   test) record running ;;
   boot) record boot ;;
 esac
 
 activated() { # record what a successful activation of $1 with goal $2 made true
   case $2 in
-    switch) record running "$1"; record boot "$1" ;;
+    switch) rec_running=$1 && record boot "$1" ;;
     test) record running "$1" ;;
     boot) record boot "$1" ;;
   esac
