@@ -766,3 +766,10 @@ def test_bad_arguments_are_refused():
             await activate(None, "x", "switch", set_profile=True, timeout=1)  # type: ignore[arg-type]
 
     asyncio.run(main())
+
+
+def test_the_decide_script_as_sent_is_shellcheck_clean():
+    from tests.test_shell_scripts import shellcheck
+
+    done = shellcheck("-", text=confirm.DECIDE_SCRIPT)
+    assert done.returncode == 0, done.stdout + done.stderr
