@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from junitparser import JUnitXml
+from typing_extensions import override
 
 from tests.conftest import needs_fleet, write_hive
 from tests.fleet import Fleet, TestHost, free_first_octet
@@ -292,7 +293,8 @@ class _Ok(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(b"ok\n")
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    @override
+    def log_message(self, format: str, *args: object) -> None:
         return
 
 
@@ -337,8 +339,8 @@ def test_failing_health_checks_roll_back_and_passing_ones_are_confirmed(fleet, t
     for name in ("host1", "host2"):
         assert running(fleet[name]) == before[name]  # went back
         assert nodes[name]["rolled_back"] is True and nodes[name]["failed_stage"] == "health"
-        stages = [s["stage"] for s in nodes[name]["stages"]]
-        assert stages[-3:] == ["activate", "health", "rollback"], stages  # never confirmed
+        ran = [s["stage"] for s in nodes[name]["stages"]]
+        assert ran[-3:] == ["activate", "health", "rollback"], ran  # never confirmed
     assert fleet["host3"].resolve("/etc/release").read_text() == release
     stages = {s["stage"]: s["status"] for s in nodes["host3"]["stages"]}
     assert stages["health"] == "ok" and stages["confirm"] == "ok"
