@@ -773,3 +773,24 @@ def test_the_decide_script_as_sent_is_shellcheck_clean():
 
     done = shellcheck("-", text=confirm.DECIDE_SCRIPT)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_deciders_answer_is_read_strictly():
+    from runner.hosts import RemoteResult
+
+    def answer(stdout: str, code: int | None = 0) -> confirm.Outcome:
+        return confirm.parse(RemoteResult(("sh",), code, stdout, "", 0.1))
+
+    back = answer("decision:rollback\noutcome:rolled-back 123 /nix/store/x-old\nlog:\nline\n")
+    assert back.rolled_back and back.final and back.previous == "/nix/store/x-old"
+    assert back.host_seconds == 1.23 and back.log == "line\n"
+    assert back.describe() == "rolled back to /nix/store/x-old in 1.2 s"
+    failed = answer("decision:rollback\noutcome:rollback-failed resetting it failed\nlog:\n")
+    assert failed.final and not failed.rolled_back
+    assert failed.describe() == "rollback failed: resetting it failed"
+    assert answer("decision:confirm\noutcome:confirmed\nlog:\n").kind == "confirmed"
+    none = answer("decision:\noutcome:none\nlog:\n")
+    assert not none.final and "ended without an outcome" in none.describe()
+    assert answer("outcome:gone\n").kind == "gone"
+    assert answer("garbage").kind == "unreadable"
+    assert answer("", code=1).kind == "unreadable"

@@ -208,7 +208,8 @@ async def confirm(
         if outcome is not None and outcome.kind != "unreadable":
             # The host decided (rolled back, or is rolling back) or its runner is gone.
             late = outcome.decision == "rollback" or outcome.kind.startswith("roll")
-            text = "too late: the host was rolling back already" if late else outcome.describe()
+            text = "the new connection came only after the host had decided to roll back"
+            text = text if late else outcome.describe()
             return Confirmation(False, took, attempts, text, outcome)
         why = problem or why
         await asyncio.sleep(max(0.0, min(pause, deadline - time.monotonic())))
