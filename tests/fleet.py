@@ -974,18 +974,44 @@ def _host_processes(hosts: Iterable[TestHost]) -> dict[str, list[int]]:
     return found
 
 
+def _mount_namespace(pid: int) -> tuple[int, int] | None:
+    try:
+        st = os.stat(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _in_namespaces(namespaces: set[tuple[int, int]]) -> list[int]:
+    """Live processes in any of these mount namespaces (however they got there)."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and _mount_namespace(int(entry.name)) in namespaces:
+            pids.append(int(entry.name))
+    return pids
+
+
 def _kill_hosts(hosts: Sequence[TestHost]) -> None:
+    """SIGKILL every process of the hosts until none is left.
+
+    Besides the processes `_host_processes` recognises, anything that is (or later appears)
+    in a mount namespace seen for these hosts is killed too: a process forked while the
+    others die (an sshd child for a connection arriving during the stop) must not outlive it.
+    """
     deadline = time.monotonic() + STOP_TIMEOUT
+    namespaces: set[tuple[int, int]] = set()
     while True:
         found = _host_processes(hosts)
-        if not found:
+        for pids in found.values():
+            namespaces |= {ns for pid in pids if (ns := _mount_namespace(pid)) is not None}
+        strays = [pid for pid in _in_namespaces(namespaces) if pid != os.getpid()]
+        if not found and not strays:
             return
         if time.monotonic() > deadline:
-            raise FleetError(f"processes of test hosts survive SIGKILL: {found}")
-        for pids in found.values():
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            raise FleetError(f"processes of test hosts survive SIGKILL: {found} {strays}")
+        for pid in {*(p for pids in found.values() for p in pids), *strays}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         time.sleep(0.01)
 
 
