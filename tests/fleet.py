@@ -230,6 +230,7 @@ class Fleet:
         self.directory = directory
         self._hosts: dict[str, TestHost] = {h.name: h for h in hosts}
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._namespaces: dict[str, set[tuple[int, int]]] = {}  # host -> every one it ran in
 
     # -- paths --------------------------------------------------------------------------
     @property
@@ -484,6 +485,7 @@ class Fleet:
         except BaseException:
             fleet.stop()
             raise
+        fleet._remember_namespaces()
         fleet._save()
         if stop_at_exit:
             atexit.register(fleet.stop)
@@ -509,7 +511,7 @@ class Fleet:
     def stop(self) -> None:
         """Kill every process of every host (by namespace) and wait until they are gone."""
         atexit.unregister(self.stop)
-        _kill_hosts(self.hosts)
+        _kill_hosts(self.hosts, {ns for seen in self._namespaces.values() for ns in seen})
         for proc in self._procs.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
@@ -518,7 +520,7 @@ class Fleet:
     def stop_host(self, name: str) -> None:
         """Kill host `name`'s sshd, its sessions and anything else in its namespace."""
         host = self.host(name)
-        _kill_hosts([host])
+        _kill_hosts([host], self._namespaces.get(name, set()))
         proc = self._procs.pop(name, None)
         if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -543,8 +545,15 @@ class Fleet:
         )
         self._hosts[name] = host
         _wait_up([host], {name: proc}, timeout)
+        self._remember_namespaces()
         self._save()
         return host
+
+    def _remember_namespaces(self) -> None:
+        """Every mount namespace a host of this fleet ran in, for `stop` to empty."""
+        for host in self.hosts:
+            if (ns := _mount_namespace(host.pid)) is not None:
+                self._namespaces.setdefault(host.name, set()).add(ns)
 
     def wait_until_up(self, name: str, timeout: float = START_TIMEOUT) -> float:
         """Wait until host `name` answers with an SSH banner; return the seconds waited."""
@@ -991,7 +1000,7 @@ def _in_namespaces(namespaces: set[tuple[int, int]]) -> list[int]:
     return pids
 
 
-def _kill_hosts(hosts: Sequence[TestHost]) -> None:
+def _kill_hosts(hosts: Sequence[TestHost], seen: Iterable[tuple[int, int]] = ()) -> None:
     """SIGKILL every process of the hosts until none is left.
 
     Besides the processes `_host_processes` recognises, anything that is (or later appears)
@@ -999,7 +1008,10 @@ def _kill_hosts(hosts: Sequence[TestHost]) -> None:
     others die (an sshd child for a connection arriving during the stop) must not outlive it.
     """
     deadline = time.monotonic() + STOP_TIMEOUT
-    namespaces: set[tuple[int, int]] = set()
+    namespaces: set[tuple[int, int]] = set(seen)
+    for host in hosts:  # the namespace the host was started in, even if nothing is left there
+        if (ns := _mount_namespace(host.pid)) is not None:
+            namespaces.add(ns)
     while True:
         found = _host_processes(hosts)
         for pids in found.values():

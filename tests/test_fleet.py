@@ -47,10 +47,27 @@ def assert_all_gone(directory: Path, hosts: list[TestHost], pids: set[int], name
     for host in hosts:
         assert host.processes() == [], host.name
     for ns in namespaces:
-        assert not [p for p in psutil.pids() if _ns(p) == ns and alive(p)], ns
+        left = _in_namespace(ns)
+        deadline = time.monotonic() + 5  # a SIGKILLed process may take a moment to exit
+        while left and time.monotonic() < deadline:
+            time.sleep(0.05)
+            left = _in_namespace(ns)
+        assert not left, (ns, [_describe(p) for p in left])
     assert not [p for p in pids if alive(p)]
     assert processes_mentioning(str(directory)) == []
     assert str(directory) not in Path("/proc/self/mountinfo").read_text()
+
+
+def _in_namespace(ns: tuple[int, int] | None) -> list[int]:
+    return [p for p in psutil.pids() if _ns(p) == ns and alive(p)]
+
+
+def _describe(pid: int) -> str:
+    try:
+        proc = psutil.Process(pid)
+        return f"{pid} {proc.status()} ppid={proc.ppid()} {' '.join(proc.cmdline())[:200]}"
+    except psutil.Error as e:
+        return f"{pid} ({e})"
 
 
 def _ns(pid: int) -> tuple[int, int] | None:
