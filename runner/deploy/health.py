@@ -35,16 +35,14 @@ from dataclasses import dataclass
 from typing import IO, TypeVar
 from urllib.parse import urlsplit
 
-from typing_extensions import override
-
 from runner.errors import WaggleError
 from runner.hive.model import CmdCheck, HealthChecks, HttpCheck
 from runner.hosts import Host
+from runner.redirects import RedirectsWithin
 
 LAST_TRY = 1.0  # seconds a try gets at least, even when the check's time is spent
 SSH_GRACE = 1.0  # beyond a cmd try's own timeout, for an SSH connection that hangs
 BODY_LIMIT = 4096  # bytes of a failing answer kept as detail
-MAX_REDIRECTS = 5
 
 LineCallback = Callable[[str], None]
 _T = TypeVar("_T")
@@ -226,28 +224,14 @@ def _settle(future: asyncio.Future[_T], value: _T | None, error: Exception | Non
         future.set_result(value)  # type: ignore[arg-type]
 
 
-class _SameHostRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow a redirect only to the check's own host (over http or https)."""
+def _same_host(host: str) -> Callable[[str], bool]:
+    """Redirects are followed only to the check's own host (over http or https)."""
 
-    max_redirections = MAX_REDIRECTS
+    def allowed(url: str) -> bool:
+        target = urlsplit(url)
+        return target.scheme in ("http", "https") and (target.hostname or "") == host.lower()
 
-    def __init__(self, host: str) -> None:
-        self.host = host.lower()
-
-    @override
-    def redirect_request(
-        self,
-        req: urllib.request.Request,
-        fp: IO[bytes],
-        code: int,
-        msg: str,
-        headers: http.client.HTTPMessage,
-        newurl: str,
-    ) -> urllib.request.Request | None:
-        target = urlsplit(newurl)
-        if target.scheme not in ("http", "https") or (target.hostname or "") != self.host:
-            return None  # not followed: the 3xx answer is the result
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+    return allowed
 
 
 @functools.cache
@@ -265,7 +249,7 @@ def _get(url: str, host: str, check: HttpCheck, timeout: float) -> _Try:
     opener = urllib.request.build_opener(
         urllib.request.ProxyHandler({}),  # never a proxy: only the check's host is asked
         urllib.request.HTTPSHandler(context=_tls_context(check.insecure_ssl)),
-        _SameHostRedirects(host),
+        RedirectsWithin(_same_host(host)),
     )
     request = urllib.request.Request(url, headers=dict(check.headers), method="GET")
     try:

@@ -20,15 +20,13 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from email.message import Message
-from http.client import HTTPMessage
-from typing import IO, Any, Literal
+from typing import Any, Literal
 from urllib.parse import quote, urlsplit
-
-from typing_extensions import override
 
 from runner import __version__
 from runner.errors import UsageError, WaggleError
 from runner.gitops.ci import CiContext
+from runner.redirects import RedirectsWithin
 from runner.report.markdown import open_fence
 
 MARKER = "<!-- waggle-plan -->"
@@ -138,27 +136,6 @@ def upsert_comment(
     return "created"
 
 
-class _SameHostRedirect(urllib.request.HTTPRedirectHandler):
-    """Follow redirects only within the API's host, so the token never leaves it."""
-
-    def __init__(self, netloc: str) -> None:
-        self.netloc = netloc
-
-    @override
-    def redirect_request(
-        self,
-        req: urllib.request.Request,
-        fp: IO[bytes],
-        code: int,
-        msg: str,
-        headers: HTTPMessage,
-        newurl: str,
-    ) -> urllib.request.Request | None:
-        if urlsplit(newurl).netloc != self.netloc:
-            return None
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
 class _Api:
     def __init__(
         self, root: str, token: str, timeout: float, forge: str, token_header: TokenHeader
@@ -175,7 +152,10 @@ class _Api:
             self.headers["Authorization"] = f"Bearer {token}"
         else:
             self.headers[token_header] = token
-        handlers: list[urllib.request.BaseHandler] = [_SameHostRedirect(self.netloc)]
+        netloc = self.netloc
+        handlers: list[urllib.request.BaseHandler] = [
+            RedirectsWithin(lambda url: urlsplit(url).netloc == netloc)
+        ]
         if urlsplit(self.root).hostname in ("127.0.0.1", "localhost", "::1"):
             handlers.append(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
         self.opener = urllib.request.build_opener(*handlers)
