@@ -159,6 +159,8 @@ class _Pipeline:
         self.current = stage
         try:
             outcome = await work()
+        except _StageFailedError:
+            raise  # the work recorded its own failure (e.g. a rollback)
         except Exception as e:
             message, detail = failure_text(e)
             failed = StageResult(
@@ -330,29 +332,20 @@ class _Pipeline:
         """A stage between the activation and its confirmation. If it fails while the host
         waits for a confirmation, the host is rolled back first and the failure says so
         ("rolled back: <why>"), followed by a rollback stage saying how that went."""
-        node = self.config.name
-        started_at, start = time.time(), time.monotonic()
-        self.emit.start(node, stage)
-        self.current = stage
-        try:
-            message = await work()
-        except Exception as e:
-            why, detail = failure_text(e)
-            if self.armed is None:
-                failed = StageResult(
-                    stage, Status.FAILED, time.monotonic() - start, why, detail, started_at
-                )
-                self.stages.append(failed)
-                self.emit.end(node, failed)
-                raise _StageFailedError(failed) from e
-            known = e.outcome if isinstance(e, confirm.NotConfirmedError) else None
-            seconds = time.monotonic() - start
-            await self.roll_back(stage, why, detail, started_at, seconds, known)
-        result = StageResult(
-            stage, Status.OK, time.monotonic() - start, message, started_at=started_at
-        )
-        self.stages.append(result)
-        self.emit.end(node, result)
+
+        async def guarded() -> str:
+            started_at, start = time.time(), time.monotonic()
+            try:
+                return await work()
+            except Exception as e:
+                if self.armed is None:
+                    raise  # nothing to roll back: an ordinary failure of the stage
+                why, detail = failure_text(e)
+                known = e.outcome if isinstance(e, confirm.NotConfirmedError) else None
+                seconds = time.monotonic() - start
+                await self.roll_back(stage, why, detail, started_at, seconds, known)
+
+        await self.stage(stage, guarded)
 
     async def roll_back(
         self,
