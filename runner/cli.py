@@ -32,13 +32,11 @@ from runner.app.watch import run_watch
 from runner.build import BuildSettings
 from runner.deploy.pipeline import DeploySettings
 from runner.evaluate import EvalSettings, parse_size
-from runner.gitops.plan import DEFAULT_IGNORE, Plan
+from runner.gitops.plan import DEFAULT_IGNORE
 from runner.goals import GOALS, Goal
 from runner.hosts.ssh import SshSettings
 from runner.nix import NixFlags
-from runner.report import jsonreport, junit, markdown, text
-from runner.report.plan import plan_json, plan_junit
-from runner.results import RunSummary
+from runner.report import console, text
 
 log = logging.getLogger("waggle")
 
@@ -426,40 +424,10 @@ def _exit(ok: bool) -> int:
     return errors.EXIT_OK if ok else errors.EXIT_NODES_FAILED
 
 
-def _lines(lines: Sequence[str], *, err: bool = False) -> None:
-    for line in lines:
-        print(line, file=sys.stderr if err else sys.stdout, flush=True)
-
-
-def print_summary(summary: RunSummary, to_stdout: str | None = None, debug: bool = False) -> None:
-    """A run's result on stdout (one line per node, or the report asked for with '-');
-    with --debug, the tracebacks of internal errors on stderr."""
-    if to_stdout is not None:
-        render = {"junit": junit.junit_xml, "markdown": markdown.markdown,
-                  "json": jsonreport.dumps}[to_stdout]  # fmt: skip
-        print(render(summary))
-    elif summary.goal == str(Goal.BUILD):
-        _lines(text.built_lines(summary.nodes))
-        _lines([f"waggle: {line}" for line in text.build_failure_lines(summary.nodes)], err=True)
-    else:
-        _lines(text.deployed_lines(summary.nodes))
-    if debug:
-        _lines([f"waggle: {line}" for line in text.internal_error_lines(summary.nodes)], err=True)
-
-
 async def cmd_apply(ns: Namespace, goal: Goal | None = None) -> int:
     summary = await apply(apply_request(ns, goal))
-    print_summary(summary, _reports(ns)[1], bool(_opt(ns, "debug")))
+    console.print_summary(summary, _reports(ns)[1], bool(_opt(ns, "debug")))
     return _exit(summary.ok)
-
-
-def _print_plan(result: Plan, text: str, to_stdout: str | None) -> None:
-    if to_stdout == "json":
-        print(json.dumps(plan_json(result), indent=2))
-    elif to_stdout == "junit":
-        print(plan_junit(result))
-    else:
-        print(text)
 
 
 async def cmd_plan(ns: Namespace) -> int:
@@ -469,7 +437,7 @@ async def cmd_plan(ns: Namespace) -> int:
                           build=not ns.no_build, build_jobs=ns.build_jobs,
                           build_timeout=ns.build_timeout, reports=reports)  # fmt: skip
     result = await plan(request)
-    _print_plan(result, write_plan_reports(result, reports), to_stdout)
+    console.print_plan(result, write_plan_reports(result, reports), to_stdout)
     return _exit(result.ok)
 
 
@@ -484,7 +452,7 @@ async def cmd_ci(ns: Namespace) -> int:
     printer = ci_app.CiPrinter(
         mode=lambda line: print(line, file=sys.stderr, flush=True),
         plan=print,
-        run=lambda s: print_summary(s, debug=bool(_opt(ns, "debug"))),
+        run=lambda s: console.print_summary(s, debug=bool(_opt(ns, "debug"))),
     )
     outcome = await ci_app.run_ci(request, printer)
     for line in outcome.annotations:
@@ -497,7 +465,7 @@ async def cmd_watch(ns: Namespace) -> int:
                            ref=ns.ref, interval=ns.interval, fetch_timeout=ns.fetch_timeout,
                            reports_dir=ns.reports_dir, metrics_file=ns.metrics_file,
                            allow_non_descendant=ns.allow_non_descendant, once=ns.once)  # fmt: skip
-    outcome = await run_watch(request, on_deploy=print_summary)
+    outcome = await run_watch(request, on_deploy=console.print_summary)
     if outcome.stopped_by == signal.SIGINT:
         return errors.EXIT_INTERRUPTED
     result = outcome.result
@@ -512,12 +480,7 @@ async def cmd_exec(ns: Namespace) -> int:
             tuple(argv), _hive_ref(ns), ns.on, _ssh_settings(ns), ns.parallel, ns.timeout
         )
     )
-    for o in outcomes:
-        print(f"=== {o.node}: {o.status} ===", flush=True)
-        if o.stdout:
-            print(o.stdout.rstrip("\n"), flush=True)
-        if o.stderr:
-            print(o.stderr.rstrip("\n"), file=sys.stderr, flush=True)
+    console.print_exec(outcomes)
     failed = sum(not o.ok for o in outcomes)
     if failed:
         log.warning("exec failed on %d of %d nodes", failed, len(outcomes))
@@ -531,7 +494,7 @@ async def cmd_apply_local(ns: Namespace) -> int:
                                 build=_build_settings(ns), keep_result=ns.keep_result,
                                 view=_view(ns))  # fmt: skip
     results = await hosts.apply_local(request)
-    _lines(text.deployed_lines(results))
+    console.lines(text.deployed_lines(results))
     return _exit(all(r.ok for r in results))
 
 
@@ -545,13 +508,13 @@ async def cmd_nodes(ns: Namespace) -> int:
     if ns.json:
         print(json.dumps([inspect.node_json(c) for c in configs], indent=2))
     else:
-        _lines(text.nodes_table(configs))
+        console.lines(text.nodes_table(configs))
     return errors.EXIT_OK
 
 
 async def cmd_nix_info(_ns: Namespace) -> int:
     info = await inspect.nix_info()
-    _lines(text.nix_info_lines(info.version, info.flakes, info.cores, info.budget))
+    console.lines(text.nix_info_lines(info.version, info.flakes, info.cores, info.budget))
     return errors.EXIT_OK
 
 
@@ -571,13 +534,6 @@ COMMANDS: dict[str, Callable[[Namespace], Coroutine[Any, Any, int]]] = {
 }
 
 
-def _print_error(e: errors.WaggleError) -> None:
-    print(f"waggle: error: {e.message}", file=sys.stderr)
-    if e.detail and e.detail.strip() and e.detail.strip() not in e.message:
-        for line in e.detail.strip().splitlines()[-30:]:
-            print(f"  | {line}", file=sys.stderr)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     sys.exit(run(argv))
 
@@ -592,7 +548,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     except errors.WaggleError as e:
         if debug:
             traceback.print_exc()
-        _print_error(e)
+        console.print_error(e)
         return e.exit_code
     except (KeyboardInterrupt, asyncio.CancelledError):
         print(f"waggle: {interrupt.reason()}", file=sys.stderr)

@@ -512,6 +512,7 @@ class Fleet:
         """Kill every process of every host (by namespace) and wait until they are gone."""
         atexit.unregister(self.stop)
         _kill_hosts(self.hosts, {ns for seen in self._namespaces.values() for ns in seen})
+        self._namespaces.clear()
         for proc in self._procs.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
@@ -520,7 +521,10 @@ class Fleet:
     def stop_host(self, name: str) -> None:
         """Kill host `name`'s sshd, its sessions and anything else in its namespace."""
         host = self.host(name)
-        _kill_hosts([host], self._namespaces.get(name, set()))
+        others = [h for h in self.hosts if h.name != name]
+        _kill_hosts([host], self._namespaces.pop(name, set()), spare=others)
+        # Emptied namespaces are gone, and the kernel reuses their numbers: forgetting them
+        # keeps a later stop from taking another host's new namespace for this one's.
         proc = self._procs.pop(name, None)
         if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -1000,18 +1004,31 @@ def _in_namespaces(namespaces: set[tuple[int, int]]) -> list[int]:
     return pids
 
 
-def _kill_hosts(hosts: Sequence[TestHost], seen: Iterable[tuple[int, int]] = ()) -> None:
+def _kill_hosts(
+    hosts: Sequence[TestHost],
+    seen: Iterable[tuple[int, int]] = (),
+    spare: Sequence[TestHost] = (),
+) -> None:
     """SIGKILL every process of the hosts until none is left.
 
     Besides the processes `_host_processes` recognises, anything that is (or later appears)
     in a mount namespace seen for these hosts is killed too: a process forked while the
     others die (an sshd child for a connection arriving during the stop) must not outlive it.
+    Namespaces the `spare` hosts live in now are never touched: a remembered namespace
+    number may have been reused by the kernel for one of them.
     """
     deadline = time.monotonic() + STOP_TIMEOUT
     namespaces: set[tuple[int, int]] = set(seen)
     for host in hosts:  # the namespace the host was started in, even if nothing is left there
         if (ns := _mount_namespace(host.pid)) is not None:
             namespaces.add(ns)
+    spared = {
+        ns
+        for pids in _host_processes(spare).values()
+        for pid in pids
+        if (ns := _mount_namespace(pid)) is not None
+    }
+    namespaces -= spared
     while True:
         found = _host_processes(hosts)
         for pids in found.values():

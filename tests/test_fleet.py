@@ -262,6 +262,21 @@ def test_stop_host_and_start_host(fleet):
     assert ok(fleet, "host3", "cat /proc/sys/kernel/random/boot_id").strip() != boot_id
 
 
+def test_restarting_a_host_spares_a_namespace_number_reused_by_another(fleet):
+    # The kernel reuses the number of a mount namespace that has died. A number remembered
+    # for host3 that now names host1's namespace must not make host3's restart kill host1
+    # (seen in CI: host1's activation was SIGKILLed while host2 restarted).
+    host1 = fleet["host1"]
+    reused = _ns(host1.pid)
+    assert reused is not None
+    fleet._namespaces.setdefault("host3", set()).add(reused)
+    restarted = fleet.start_host("host3")
+    SEEN_PIDS.add(restarted.pid)
+    assert alive(host1.pid) and host1.processes()
+    assert ok(fleet, "host1", "echo still") == "still\n"
+    assert reused not in fleet._namespaces.get("host3", set())
+
+
 def test_reboot_changes_boot_id_and_comes_back_after_the_delay(fleet, system_path):
     host = fleet["host2"]
     push(fleet, "host2", system_path)
