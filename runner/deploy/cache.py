@@ -1,0 +1,170 @@
+"""Closures through a binary cache: upload once per run, hosts fetch from the cache.
+
+With `--cache URL` a node's closure is uploaded with `nix copy --to URL` (any store URL Nix
+accepts: `file://`, `s3://`, `ssh-ng://`, an HTTP cache that takes uploads), signed on the
+way with `--cache-key FILE` (the store's `secret-key` setting: the key never leaves its
+file, and the store paths in the local store are not changed). Uploads are serialised: the
+first node uploads the shared part of the fleet's closures and the next only its own paths
+(`nix copy` skips what the cache has), so the shared part leaves the runner once per run.
+
+Hosts then fetch from `--cache-substituter URL` (default: the upload URL) with
+`--cache-public-key KEY`, passed to the host's `nix-store --realise` as
+`extra-substituters` / `extra-trusted-public-keys` for that one command (see
+runner/deploy/push.py): nothing in the host's nix.conf changes. Whatever a host cannot
+fetch (the cache is down, the host does not trust the key) is pushed directly, and the
+node's result says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runner import nix, process
+from runner.errors import UsageError
+
+COPY = ("nix", "--extra-experimental-features", "nix-command", "copy")
+UPLOAD_TIMEOUT = 3600.0
+
+# Nix's binary cache stores print, per uploaded path:
+#   copying path '/nix/store/...' (120 bytes, compressed 0.0% in 0 ms) to binary cache
+_UPLOADED = re.compile(
+    r"copying path '(/nix/store/[^']+)' \((\d+) bytes, compressed (-?[\d.]+)% in \d+ ms\)"
+)
+# Every store prints, per copied path: copying path '/nix/store/...' to 'URL'...
+_COPYING = re.compile(r"copying path '(/nix/store/[^']+)' to '")
+_KEY = re.compile(r"[A-Za-z0-9._+-]+:[A-Za-z0-9+/]+={0,2}\Z")
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    url: str  # where closures are uploaded (`nix copy --to`)
+    substituter: str | None = None  # where hosts fetch from; default: `url`
+    key_file: str | None = None  # signing key (secret-key of the store)
+    public_key: str | None = None  # the key hosts must trust for the cache's paths
+    timeout: float = UPLOAD_TIMEOUT
+
+    @property
+    def fetch_url(self) -> str:
+        return self.substituter or self.url
+
+    @property
+    def upload_url(self) -> str:
+        """The store URL for `nix copy --to`, with the signing key's file when given."""
+        if self.key_file is None:
+            return self.url
+        joiner = "&" if "?" in self.url else "?"
+        return f"{self.url}{joiner}secret-key={self.key_file}"
+
+    def substituter_options(self) -> tuple[str, ...]:
+        """`nix-store` options that add the cache (and its key) for one command."""
+        options = ("--option", "extra-substituters", self.fetch_url)
+        if self.public_key:
+            options += ("--option", "extra-trusted-public-keys", self.public_key)
+        return options
+
+
+def cache_settings(
+    url: str | None,
+    substituter: str | None = None,
+    key_file: str | None = None,
+    public_key: str | None = None,
+) -> CacheSettings | None:
+    """Checked settings from the flags (or waggle.yaml); UsageError naming the flag."""
+    if url is None:
+        for flag, value in (
+            ("--cache-substituter", substituter),
+            ("--cache-key", key_file),
+            ("--cache-public-key", public_key),
+        ):
+            if value is not None:
+                raise UsageError(f"{flag} needs --cache URL")
+        return None
+    for flag, value in (("--cache", url), ("--cache-substituter", substituter)):
+        if value is not None and (not value.strip() or any(c.isspace() for c in value)):
+            raise UsageError(f"{flag}: {value!r} is not a store URL (no spaces)")
+    if key_file is not None:
+        path = Path(key_file)
+        if not path.is_file():
+            raise UsageError(f"--cache-key: {key_file} is not a readable file")
+        if any(c in key_file for c in "&?#") or any(c.isspace() for c in key_file):
+            raise UsageError(f"--cache-key: {key_file!r}: the path may not contain & ? # or spaces")
+        key_file = str(path.resolve())
+    if public_key is not None and not _KEY.match(public_key.strip()):
+        raise UsageError(f"--cache-public-key: {public_key!r} is not a key like name:base64")
+    return CacheSettings(
+        url, substituter, key_file, public_key.strip() if public_key is not None else None
+    )
+
+
+@dataclass(frozen=True)
+class Upload:
+    root: str
+    paths: int  # paths this upload copied (0: the cache had them all)
+    bytes: int  # bytes that left for the cache (compressed size where Nix reports it)
+    seconds: float
+    error: str | None = None  # the upload failed: hosts get the closure directly
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class CacheUploader:
+    """One per run: uploads closures one at a time and remembers what it uploaded."""
+
+    settings: CacheSettings
+    uploads: dict[str, Upload] = field(default_factory=dict)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def bytes_uploaded(self) -> int:
+        return sum(u.bytes for u in self.uploads.values())
+
+    @property
+    def paths_uploaded(self) -> int:
+        return sum(u.paths for u in self.uploads.values())
+
+    async def upload(self, root: str) -> Upload:
+        async with self._lock:
+            known = self.uploads.get(root)
+            if known is None:
+                known = await upload_closure(root, self.settings)
+                self.uploads[root] = known
+            return known
+
+
+async def upload_closure(root: str, settings: CacheSettings) -> Upload:
+    """`nix copy --to` the closure of `root`; what was copied, and how many bytes."""
+    start = time.monotonic()
+    argv = [*COPY, "-v", "--to", settings.upload_url, root]
+    done = await process.run(argv, timeout=settings.timeout)
+    seconds = time.monotonic() - start
+    if not done.ok:
+        why = (
+            f"timed out after {settings.timeout:g} s"
+            if done.timed_out
+            else nix.first_error_line(done.stderr)
+        )
+        return Upload(root, 0, 0, seconds, f"uploading to {settings.url} failed: {why}")
+    copied, sent = _copied(done.stderr)
+    unmeasured = [p for p in copied if p not in sent]
+    extra = await nix.closure_size(unmeasured) if unmeasured else 0
+    return Upload(root, len(copied), sum(sent.values()) + extra, seconds)
+
+
+def _copied(stderr: str) -> tuple[list[str], dict[str, int]]:
+    """The paths `nix copy -v` copied, and the bytes sent for those a binary cache measured."""
+    copied: list[str] = []
+    sent: dict[str, int] = {}
+    for line in stderr.splitlines():
+        if m := _UPLOADED.search(line):
+            nar, saved = int(m.group(2)), float(m.group(3))
+            sent[m.group(1)] = max(0, round(nar * (1 - saved / 100)))
+        elif (m := _COPYING.search(line)) and m.group(1) not in copied:
+            copied.append(m.group(1))
+    return copied, sent
