@@ -30,6 +30,7 @@ from runner.app.plan import plan, write_plan_reports
 from runner.app.run import apply
 from runner.app.watch import run_watch
 from runner.build import BuildSettings
+from runner.deploy.cache import cache_settings
 from runner.deploy.pipeline import DeploySettings
 from runner.evaluate import EvalSettings, parse_size
 from runner.gitops.plan import DEFAULT_IGNORE
@@ -175,6 +176,12 @@ def _deploy_options(p: argparse.ArgumentParser) -> None:
                    "later waves are not started (default 0)")  # fmt: skip
     p.add_argument("--wave-order", metavar="@TAG,...", help="order of nodes into waves by tag "
                    "(default: nodes tagged canary first, then by name)")  # fmt: skip
+    p.add_argument("--cache", metavar="URL", help="upload closures once to this binary cache "
+                   "(nix copy --to URL) and let hosts fetch them from it")  # fmt: skip
+    p.add_argument("--cache-substituter", metavar="URL", help="where hosts fetch from "
+                   "(default: the --cache URL)")  # fmt: skip
+    p.add_argument("--cache-key", metavar="FILE", help="sign uploads with this secret key file")
+    p.add_argument("--cache-public-key", metavar="KEY", help="the key hosts trust for the cache")
     p.add_argument("--no-substitute", "--no-substitutes", dest="no_substitute",
                    action="store_true", help="do not let hosts substitute missing paths")  # fmt: skip
     p.add_argument("--build-on-target", action="store_true", default=None,
@@ -372,7 +379,8 @@ def _deploy_settings(ns: Namespace, goal: Goal) -> DeploySettings:
                           keys=not ns.no_keys, substitute=not ns.no_substitute,
                           rollback=not ns.no_rollback, health_checks=not ns.no_health_checks,
                           waves=_split(ns.waves), max_failures=ns.max_failures or "0",
-                          wave_order=_split(ns.wave_order),
+                          wave_order=_split(ns.wave_order), cache=cache_settings(ns.cache,
+                          ns.cache_substituter, ns.cache_key, ns.cache_public_key),
                           **{n: v for n in same if (v := getattr(ns, n)) is not None})  # fmt: skip
 
 

@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import override
+
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
+    @override
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
         self.server.requests.append(self.path)  # type: ignore[attr-defined]
 
@@ -50,8 +53,8 @@ class BinaryCache:
     @property
     def http_url(self) -> str:
         assert self.server is not None, "start() first"
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
+        port = self.server.server_address[1]
+        return f"http://127.0.0.1:{port}"
 
     def start(self) -> BinaryCache:
         handler = functools.partial(_Quiet, directory=str(self.directory))

@@ -61,7 +61,7 @@ class CacheSettings:
 
     def substituter_options(self) -> tuple[str, ...]:
         """`nix-store` options that add the cache (and its key) for one command."""
-        options = ("--option", "extra-substituters", self.fetch_url)
+        options: tuple[str, ...] = ("--option", "extra-substituters", self.fetch_url)
         if self.public_key:
             options += ("--option", "extra-trusted-public-keys", self.public_key)
         return options

@@ -23,6 +23,7 @@ from typing import NoReturn
 
 from runner.build import BuildRun, BuildSettings, evaluate_and_build
 from runner.deploy import activation, confirm, health, keys, waves
+from runner.deploy.cache import CacheSettings
 from runner.deploy.lock import RunIdentity, hold_lock
 from runner.deploy.push import push_closure
 from runner.errors import WaggleError, failure_text
@@ -106,6 +107,7 @@ class DeploySettings:
     waves: tuple[str, ...] = ()  # cumulative wave sizes: "1", "10%", "100%"; () = one wave
     max_failures: str = "0"  # failed nodes a wave may have before the next is not started
     wave_order: tuple[str, ...] = ()  # @tag globs ordering the nodes into waves
+    cache: CacheSettings | None = None  # --cache: closures go through a binary cache
 
     def __post_init__(self) -> None:
         waves.Rollout.parse(self.waves, self.max_failures, self.wave_order)  # UsageError
