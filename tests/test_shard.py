@@ -1,0 +1,117 @@
+"""`--shard K/N`: the rule that splits the selected nodes into N shares (runner/shard.py)."""
+
+from __future__ import annotations
+
+import math
+import random
+import string
+
+import pytest
+
+from runner.errors import UsageError
+from runner.shard import ShardSpec, assign, capacity, first_choice, parse_shard, shard_nodes
+
+TEN = [f"node-{i:02d}" for i in range(1, 11)]
+
+
+def shares(names: list[str], total: int) -> dict[int, list[str]]:
+    return {k: shard_nodes(names, ShardSpec(k, total)) for k in range(1, total + 1)}
+
+
+def test_three_shards_of_ten_nodes_cover_every_node_once():
+    parts = shares(TEN, 3)
+    together = [n for part in parts.values() for n in part]
+    assert sorted(together) == TEN  # every node exactly once
+    assert all(part for part in parts.values())
+    assert max(len(p) for p in parts.values()) <= capacity(10, 3) == 5
+    for part in parts.values():  # each share keeps the selection's order
+        assert part == [n for n in TEN if n in part]
+
+
+def test_adding_a_node_moves_no_other_node():
+    before = assign(TEN, 3)
+    after = assign([*TEN, "node-11"], 3)
+    assert {n: after[n] for n in TEN} == before
+    assert max(list(after.values()).count(k) for k in (1, 2, 3)) <= capacity(11, 3)
+    # nor does a node added at the front of the selection (order is not part of the rule)
+    assert {n: assign(["aaa", *TEN], 3)[n] for n in TEN} == before
+
+
+def test_the_rule_ignores_order_and_duplicates():
+    shuffled = TEN[::-1]
+    assert assign(shuffled, 4) == assign(TEN, 4)
+    assert assign([*TEN, *TEN], 4) == assign(TEN, 4)
+
+
+def test_without_a_full_shard_every_node_is_on_its_first_choice():
+    """Below capacity the rule is plain rendezvous hashing, which moves nothing on additions."""
+    placed = assign(TEN, 3)
+    counts = [list(placed.values()).count(k) for k in (1, 2, 3)]
+    if max(counts) < capacity(10, 3):
+        assert placed == {n: first_choice(n, 3) for n in TEN}
+
+
+def random_names(rng: random.Random, count: int) -> list[str]:
+    letters = string.ascii_lowercase + string.digits + "-"
+    return sorted({"".join(rng.choices(letters, k=12)) for _ in range(count)})
+
+
+@pytest.mark.parametrize("count,total", [(10, 3), (40, 4), (200, 5), (500, 8), (7, 10)])
+def test_balance_bound_and_moves_on_additions(count, total):
+    """The documented bound: no shard over ceil(1.25 n / N) nodes. Adding one node moves
+    other nodes only when a shard was full, and then only a few (one chain)."""
+    rng = random.Random(count * 1000 + total)
+    moved_runs = 0
+    for _trial in range(30):
+        names = random_names(rng, count)
+        placed = assign(names, total)
+        loads = [list(placed.values()).count(k) for k in range(1, total + 1)]
+        assert sorted(placed) == names
+        assert max(loads) <= capacity(len(names), total)
+        extra = "x" + random_names(rng, 1)[0]
+        after = assign([*names, extra], total)
+        moved = [n for n in names if after[n] != placed[n]]
+        grown = capacity(len(names) + 1, total) > capacity(len(names), total)
+        if moved:
+            moved_runs += 1
+            assert max(loads) == capacity(len(names), total) or grown, (names, extra)
+            assert len(moved) <= total, moved
+    assert moved_runs <= 10  # most additions move nothing at all
+
+
+def test_rule_is_fixed():
+    """The rule is part of the documented interface (shard reports are merged across jobs
+    and runs): these values must never change within waggle.shard/1."""
+    assert [first_choice(n, 3) for n in TEN[:4]] == EXPECTED_FIRST
+    assert math.ceil(1.25 * 10 / 3) == capacity(10, 3)
+
+
+EXPECTED_FIRST = [1, 2, 3, 1]  # frozen: a change here breaks merging across versions
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("0/3", "from 1 to 3"),
+        ("4/3", "from 1 to 3"),
+        ("x/y", "K/N"),
+        ("1/0", "at least 1"),
+        ("3", "K/N"),
+        ("", "K/N"),
+        ("-1/3", "K/N"),
+    ],
+)
+def test_bad_shard_values(text, needle):
+    with pytest.raises(UsageError) as caught:
+        parse_shard(text)
+    message = caught.value.message
+    assert message.startswith("--shard ") and needle in message
+    assert "\n" not in message
+
+
+def test_parse_shard():
+    assert parse_shard("2/3") == ShardSpec(2, 3)
+    assert parse_shard(" 1 / 1 ") == ShardSpec(1, 1)
+    assert str(ShardSpec(2, 3)) == "2/3"
+    with pytest.raises(UsageError, match=r"^WAGGLE_SHARD "):
+        parse_shard("9/3", what="WAGGLE_SHARD")
