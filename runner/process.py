@@ -13,7 +13,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import psutil
@@ -35,10 +35,11 @@ class Completed:
     duration: float
     peak_rss: int
     timed_out: bool
+    stopped: bool = False  # killed because the caller's `stop` event was set
 
     @property
     def ok(self) -> bool:
-        return self.returncode == 0 and not self.timed_out
+        return self.returncode == 0 and not self.timed_out and not self.stopped
 
 
 def tree_rss(pid: int) -> int:
@@ -160,8 +161,13 @@ async def run(
     timeout: float | None = None,
     on_stderr_line: StderrCallback | None = None,
     sample_memory: bool = False,
+    stop: asyncio.Event | None = None,
 ) -> Completed:
-    """Run argv to completion; never raises for a non-zero exit status."""
+    """Run argv to completion; never raises for a non-zero exit status.
+
+    When `stop` is set before the process ends, its group is killed and the result says
+    `stopped` (with whatever it printed until then).
+    """
     start = time.monotonic()
     stdin = asyncio.subprocess.PIPE if input_data is not None else asyncio.subprocess.DEVNULL
     proc = await _spawn(argv, stdin=stdin, env=env, cwd=cwd)
@@ -174,11 +180,14 @@ async def run(
             rss = sampler.sample() if sample_memory else 0
             on_stderr_line(line, time.monotonic() - start, rss)
 
-    timed_out = False
+    timed_out = stopped = False
     stdout = b""
     try:
         communicating = _communicate(proc, input_data, stderr_lines, on_line)
-        stdout = await asyncio.wait_for(communicating, timeout)
+        if stop is None:
+            stdout = await asyncio.wait_for(communicating, timeout)
+        else:
+            stdout, stopped = await _until_stopped(proc, communicating, stop, timeout)
     except TimeoutError:
         timed_out = True
         _kill_group(proc)
@@ -200,7 +209,36 @@ async def run(
         duration=time.monotonic() - start,
         peak_rss=sampler.peak,
         timed_out=timed_out,
+        stopped=stopped,
     )
+
+
+async def _until_stopped(
+    proc: asyncio.subprocess.Process,
+    communicating: Awaitable[bytes],
+    stop: asyncio.Event,
+    timeout: float | None,
+) -> tuple[bytes, bool]:
+    """Await `communicating` unless `stop` is set first: then kill the group and let the
+    pipes drain (bounded by REAP_TIMEOUT). Stdout and whether it was stopped."""
+    talking = asyncio.ensure_future(communicating)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        done, _ = await asyncio.wait(
+            {talking, stopping}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if talking in done:
+            return talking.result(), False
+        if not done:
+            raise TimeoutError
+        _kill_group(proc)
+        try:
+            return await asyncio.wait_for(asyncio.shield(talking), REAP_TIMEOUT), True
+        except TimeoutError:
+            return b"", True
+    finally:
+        stopping.cancel()
+        talking.cancel()
 
 
 REAP_TIMEOUT = 5.0

@@ -57,3 +57,43 @@ def test_stderr_lines_stream_with_time_and_memory():
 def test_missing_program():
     with pytest.raises(ToolMissingError, match="no-such-program"):
         asyncio.run(process.run(["no-such-program"]))
+
+
+def test_stop_event_kills_the_group_and_says_so(tmp_path):
+    # Stopping from outside (the evaluator recycles a worker): the whole group dies at once,
+    # what was printed so far is kept, and the result says it was stopped (not a failure of
+    # its own, not a timeout).
+    pidfile = tmp_path / "pid"
+    seen: list[str] = []
+
+    async def main() -> process.Completed:
+        stop = asyncio.Event()
+
+        def on_line(line: str, _t: float, _rss: int) -> None:
+            seen.append(line)
+            if line == "ready":
+                stop.set()
+
+        script = f"sleep 60 & echo $! > {pidfile}; echo ready >&2; wait"
+        return await process.run(["sh", "-c", script], on_stderr_line=on_line, stop=stop)
+
+    start = time.monotonic()
+    done = asyncio.run(main())
+    assert time.monotonic() - start < 5
+    assert done.stopped and not done.timed_out and not done.ok
+    assert seen == ["ready"]
+    child = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while psutil.pid_exists(child) and time.monotonic() < deadline:
+        if psutil.Process(child).status() == psutil.STATUS_ZOMBIE:
+            break
+        time.sleep(0.05)
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_process_that_ends_before_the_stop_is_not_stopped():
+    async def main() -> process.Completed:
+        return await process.run(["sh", "-c", "echo hi"], stop=asyncio.Event())
+
+    done = asyncio.run(main())
+    assert done.ok and not done.stopped and done.stdout == "hi\n"
