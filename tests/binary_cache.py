@@ -20,7 +20,7 @@ from typing_extensions import override
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
     @override
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+    def log_message(self, format: str, *args: Any) -> None:
         self.server.requests.append(self.path)  # type: ignore[attr-defined]
 
 
@@ -77,7 +77,7 @@ class BinaryCache:
     def narinfos(self) -> list[str]:
         return sorted(p.name for p in self.directory.glob("*.narinfo"))
 
-    def __enter__(self) -> BinaryCache:
+    def __enter__(self) -> BinaryCache:  # noqa: PYI034 - a dataclass, not subclassed
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

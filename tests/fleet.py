@@ -966,21 +966,23 @@ def _host_processes(hosts: Iterable[TestHost]) -> dict[str, list[int]]:
         if os.path.samestat(ns, own):
             continue
         key = (ns.st_dev, ns.st_ino)
-        name = owner.get(key)
-        if name is None:
-            for probe in (f"/proc/{pid}/root/nix", f"/proc/{pid}/root"):
-                try:
-                    st = os.stat(probe)
-                except OSError:
-                    continue
-                name = marks.get((st.st_dev, st.st_ino))
-                if name is not None:
-                    owner[key] = name
-                    break
-        if name is None:
-            unknown.append((pid, key))
-        else:
+        name, seen_other = None, False
+        # Every process is probed, not only the first of its namespace: the kernel reuses a
+        # dead namespace's number, even while this loop runs.
+        for probe in (f"/proc/{pid}/root/nix", f"/proc/{pid}/root"):
+            try:
+                st = os.stat(probe)
+            except OSError:
+                continue
+            name = marks.get((st.st_dev, st.st_ino))
+            if name is not None:
+                owner[key] = name
+                break
+            seen_other = True
+        if name is not None:
             found.setdefault(name, []).append(pid)
+        elif not seen_other:
+            unknown.append((pid, key))  # cannot tell: its namespace's owner decides
     for pid, key in unknown:
         if key in owner:
             found.setdefault(owner[key], []).append(pid)
@@ -1004,6 +1006,20 @@ def _in_namespaces(namespaces: set[tuple[int, int]]) -> list[int]:
     return pids
 
 
+def _elsewhere(pid: int, own_nix: set[tuple[int, int]]) -> bool:
+    """Whether process `pid` sees a /nix that is not one of `own_nix` (another host's, or
+    this machine's): then it is not a host's stray, whatever its namespace's number.
+
+    The kernel reuses the number of a namespace that died: Nix itself unshares a mount
+    namespace (to remount the store), and may get the number of the namespace being emptied.
+    """
+    try:
+        st = os.stat(f"/proc/{pid}/root/nix")
+    except OSError:
+        return False  # cannot tell (exiting, or no /nix there): a stray
+    return (st.st_dev, st.st_ino) not in own_nix
+
+
 def _kill_hosts(
     hosts: Sequence[TestHost],
     seen: Iterable[tuple[int, int]] = (),
@@ -1014,8 +1030,9 @@ def _kill_hosts(
     Besides the processes `_host_processes` recognises, anything that is (or later appears)
     in a mount namespace seen for these hosts is killed too: a process forked while the
     others die (an sshd child for a connection arriving during the stop) must not outlive it.
-    Namespaces the `spare` hosts live in now are never touched: a remembered namespace
-    number may have been reused by the kernel for one of them.
+    Namespaces the `spare` hosts live in now are never touched, nor processes whose /nix is
+    not one of these hosts': a remembered namespace number may have been reused by the
+    kernel (see `_elsewhere`).
     """
     deadline = time.monotonic() + STOP_TIMEOUT
     namespaces: set[tuple[int, int]] = set(seen)
@@ -1029,11 +1046,20 @@ def _kill_hosts(
         if (ns := _mount_namespace(pid)) is not None
     }
     namespaces -= spared
+    own_nix = set()
+    for host in hosts:
+        with contextlib.suppress(OSError):
+            st = os.stat(host.root / "nix")
+            own_nix.add((st.st_dev, st.st_ino))
     while True:
         found = _host_processes(hosts)
         for pids in found.values():
             namespaces |= {ns for pid in pids if (ns := _mount_namespace(pid)) is not None}
-        strays = [pid for pid in _in_namespaces(namespaces) if pid != os.getpid()]
+        strays = [
+            pid
+            for pid in _in_namespaces(namespaces)
+            if pid != os.getpid() and not _elsewhere(pid, own_nix)
+        ]
         if not found and not strays:
             return
         if time.monotonic() > deadline:

@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests import fleet as fleet_module
 from tests.fleet import Fleet, FleetError, TestHost, free_first_octet, processes_in_namespace_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -275,6 +276,38 @@ def test_restarting_a_host_spares_a_namespace_number_reused_by_another(fleet):
     assert alive(host1.pid) and host1.processes()
     assert ok(fleet, "host1", "echo still") == "still\n"
     assert reused not in fleet._namespaces.get("host3", set())
+
+
+def test_a_stray_in_a_reused_namespace_number_that_sees_another_hosts_nix_is_spared(fleet):
+    # Nix unshares a mount namespace of its own to remount the store; the kernel may give
+    # it the number of the namespace a stop is emptying (seen in CI: host3's nix-env was
+    # SIGKILLed as a "stray" of host2). A process that sees another host's /nix is not a
+    # stray of the host being stopped, whatever its namespace's number.
+    done = fleet.run("host1", "unshare -m setsid -f sleep 60 </dev/null >/dev/null 2>&1")
+    assert done.returncode == 0, done.stderr
+    sleeper = None
+    for _ in range(100):
+        sleeper = next((p for p in psutil.pids() if _cmdline(p) == "sleep 60"
+                        and fleet["host1"].pid_is_mine(p)), None)  # fmt: skip
+        if sleeper is not None:
+            break
+        time.sleep(0.05)
+    assert sleeper is not None
+    try:
+        ns = _ns(sleeper)
+        assert ns is not None and ns != _ns(fleet["host1"].pid)
+        fleet_module._kill_hosts([fleet["host3"]], {ns})  # no spare: only the /nix check
+        assert alive(sleeper)
+    finally:
+        os.kill(sleeper, 9)
+        fleet.start_host("host3")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return ""
 
 
 def test_reboot_changes_boot_id_and_comes_back_after_the_delay(fleet, system_path):
