@@ -10,6 +10,7 @@ import pytest
 from runner.errors import EXIT_USAGE, UsageError
 from runner.gitops.config import (
     CONFIG_NAME,
+    CacheConfig,
     CiConfig,
     ConfigError,
     RolloutConfig,
@@ -225,6 +226,45 @@ def test_bad_rollout_settings_name_the_key(tmp_path, text, needle):
     message = str(info.value)
     assert needle in message and message.startswith(str(path)), message
     assert "\n" not in message and info.value.exit_code == EXIT_USAGE
+
+
+def test_cache_section(tmp_path):
+    path = tmp_path / CONFIG_NAME
+    path.write_text(
+        "cache:\n"
+        "  url: s3://fleet-cache?region=eu-west-1\n"
+        "  substituter: https://cache.example.org\n"
+        "  key: secrets/cache.sec\n"
+        "  public_key: cache.example.org-1:AAAA\n"
+    )
+    config = load_config(path, search_from=tmp_path)
+    assert config.cache == CacheConfig(
+        url="s3://fleet-cache?region=eu-west-1",
+        substituter="https://cache.example.org",
+        key=tmp_path / "secrets" / "cache.sec",
+        public_key="cache.example.org-1:AAAA",
+    )
+    path.write_text("cache: file:///srv/cache\n")
+    assert load_config(path, search_from=tmp_path).cache == CacheConfig(url="file:///srv/cache")
+    assert CiConfig().cache == CacheConfig()
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("cache: 5\n", "setting 'cache' must be a store URL or a mapping"),
+        ("cache:\n  substituter: https://x\n", "setting 'cache' needs url"),
+        ("cache:\n  uri: https://x\n", "unknown setting 'cache.uri' (known: cache.url, "),
+        ("cache:\n  url: [1]\n", "setting 'cache.url'"),
+    ],
+)
+def test_bad_cache_settings_name_the_key(tmp_path, text, needle):
+    path = tmp_path / CONFIG_NAME
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, search_from=tmp_path)
+    message = str(info.value)
+    assert needle in message and message.startswith(str(path)), message
 
 
 def test_documented_examples_are_valid(tmp_path):

@@ -25,6 +25,7 @@ from runner.app.requests import (
     parse_node_limit,
 )
 from runner.app.run import apply, log_evaluation, open_hive, progress
+from runner.deploy.cache import CONFIG_KEYS, cache_settings
 from runner.deploy.pipeline import DeploySettings, deploy, goal_stages
 from runner.errors import WaggleError
 from runner.gitinfo import head_commit
@@ -116,6 +117,11 @@ def _rollout(request: CiRequest, config: CiConfig) -> DeploySettings:
         deploy = replace(deploy, confirm_timeout=rollout.confirm_timeout)
     if rollout.health_checks is not None and deploy.health_checks:
         deploy = replace(deploy, health_checks=rollout.health_checks)
+    cache = config.cache
+    if cache.url is not None and deploy.cache is None:  # --cache wins over the file
+        key = str(cache.key) if cache.key is not None else None
+        settings = cache_settings(cache.url, cache.substituter, key, cache.public_key, CONFIG_KEYS)
+        deploy = replace(deploy, cache=settings)
     return deploy
 
 

@@ -67,34 +67,36 @@ class CacheSettings:
         return options
 
 
+FLAGS = ("--cache", "--cache-substituter", "--cache-key", "--cache-public-key")
+CONFIG_KEYS = ("cache.url", "cache.substituter", "cache.key", "cache.public_key")
+
+
 def cache_settings(
     url: str | None,
     substituter: str | None = None,
     key_file: str | None = None,
     public_key: str | None = None,
+    names: tuple[str, str, str, str] = FLAGS,
 ) -> CacheSettings | None:
-    """Checked settings from the flags (or waggle.yaml); UsageError naming the flag."""
+    """Checked settings from the flags (or waggle.yaml: `names`=CONFIG_KEYS); UsageError
+    naming the flag or key."""
     if url is None:
-        for flag, value in (
-            ("--cache-substituter", substituter),
-            ("--cache-key", key_file),
-            ("--cache-public-key", public_key),
-        ):
+        for name, value in zip(names[1:], (substituter, key_file, public_key), strict=True):
             if value is not None:
-                raise UsageError(f"{flag} needs --cache URL")
+                raise UsageError(f"{name} needs {names[0]} URL")
         return None
-    for flag, value in (("--cache", url), ("--cache-substituter", substituter)):
+    for name, value in ((names[0], url), (names[1], substituter)):
         if value is not None and (not value.strip() or any(c.isspace() for c in value)):
-            raise UsageError(f"{flag}: {value!r} is not a store URL (no spaces)")
+            raise UsageError(f"{name}: {value!r} is not a store URL (no spaces)")
     if key_file is not None:
         path = Path(key_file)
         if not path.is_file():
-            raise UsageError(f"--cache-key: {key_file} is not a readable file")
+            raise UsageError(f"{names[2]}: {key_file} is not a readable file")
         if any(c in key_file for c in "&?#") or any(c.isspace() for c in key_file):
-            raise UsageError(f"--cache-key: {key_file!r}: the path may not contain & ? # or spaces")
+            raise UsageError(f"{names[2]}: {key_file!r}: the path may not contain & ? # or spaces")
         key_file = str(path.resolve())
     if public_key is not None and not _KEY.match(public_key.strip()):
-        raise UsageError(f"--cache-public-key: {public_key!r} is not a key like name:base64")
+        raise UsageError(f"{names[3]}: {public_key!r} is not a key like name:base64")
     return CacheSettings(
         url, substituter, key_file, public_key.strip() if public_key is not None else None
     )

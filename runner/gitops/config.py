@@ -28,6 +28,12 @@ reads the file from the base commit's tree instead (`runner.gitops.trust.pr_conf
       max_failures: 0           # N or P% of a wave
       confirm_timeout: 30       # seconds
       health_checks: true
+    cache:                      # deploy: closures through a binary cache, as --cache ...
+      url: s3://fleet-cache?region=eu-west-1   # where Waggle uploads (nix copy --to)
+      substituter: https://cache.example.org   # where hosts fetch from (default: url)
+      key: /run/secrets/cache.sec              # signing key file (relative: to this file)
+      public_key: "cache.example.org-1:..."    # the key hosts trust for it
+                                # (`cache: URL` alone is short for `cache: {url: URL}`)
 """
 
 from __future__ import annotations
@@ -61,6 +67,17 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    """`cache:`, the binary cache deploys go through (as --cache, --cache-substituter,
+    --cache-key, --cache-public-key); None: not set."""
+
+    url: str | None = None
+    substituter: str | None = None
+    key: Path | None = None
+    public_key: str | None = None
+
+
+@dataclass(frozen=True)
 class CiConfig:
     """The settings of `waggle ci`; every field has a default, so `CiConfig()` is valid."""
 
@@ -80,6 +97,7 @@ class CiConfig:
     parallel: int | None = None
     eval_node_limit: str | None = None  # "auto" or a number as text, like --eval-node-limit
     rollout: RolloutConfig = RolloutConfig()
+    cache: CacheConfig = CacheConfig()
     source: Path | None = None  # the file these settings came from, if any
 
 
@@ -191,23 +209,52 @@ _ROLLOUT_KEYS: dict[str, Callable[[object, Path | None], Any]] = {
 }
 
 
+def _section(
+    value: dict[Any, object],
+    base: Path | None,
+    keys: Mapping[str, Callable[[object, Path | None], Any]],
+    name: str,
+) -> dict[str, Any]:
+    """The checked values of a section's keys; an unknown or bad one names `name.key`."""
+    changes: dict[str, Any] = {}
+    for key, item in value.items():
+        check = keys.get(str(key))
+        if check is None:
+            raise _NestedError(str(key), item, "unknown", tuple(f"{name}.{k}" for k in keys))
+        try:
+            changes[str(key)] = check(item, base)
+        except _BadValueError as e:
+            raise _NestedError(str(key), item, str(e)) from None
+    return changes
+
+
 def _rollout(value: object, base: Path | None) -> RolloutConfig:
     if value is None:
         return RolloutConfig()
     if not isinstance(value, dict):
         raise _BadValueError("must be a mapping (waves, max_failures, confirm_timeout, ...)")
-    changes: dict[str, Any] = {}
-    for key, item in value.items():
-        check = _ROLLOUT_KEYS.get(str(key))
-        if check is None:
-            raise _NestedError(
-                str(key), item, "unknown", tuple(f"rollout.{k}" for k in _ROLLOUT_KEYS)
-            )
-        try:
-            changes[str(key)] = check(item, base)
-        except _BadValueError as e:
-            raise _NestedError(str(key), item, str(e)) from None
-    return RolloutConfig(**changes)
+    return RolloutConfig(**_section(value, base, _ROLLOUT_KEYS, "rollout"))
+
+
+_CACHE_KEYS: dict[str, Callable[[object, Path | None], Any]] = {
+    "url": _str,
+    "substituter": _str,
+    "key": _path,
+    "public_key": _str,
+}
+
+
+def _cache(value: object, base: Path | None) -> CacheConfig:
+    if value is None:
+        return CacheConfig()
+    if isinstance(value, str):
+        return CacheConfig(url=_str(value, base))
+    if not isinstance(value, dict):
+        raise _BadValueError("must be a store URL or a mapping (url, substituter, key, ...)")
+    config = CacheConfig(**_section(value, base, _CACHE_KEYS, "cache"))
+    if config.url is None:
+        raise _BadValueError("needs url (the store Waggle uploads to)")
+    return config
 
 
 _KEYS: dict[str, Callable[[object, Path | None], Any]] = {
@@ -227,6 +274,7 @@ _KEYS: dict[str, Callable[[object, Path | None], Any]] = {
     "parallel": _count,
     "eval_node_limit": _node_limit,
     "rollout": _rollout,
+    "cache": _cache,
 }
 KNOWN_KEYS = tuple(_KEYS)
 
