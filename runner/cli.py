@@ -24,7 +24,7 @@ from typing_extensions import override
 
 from runner import __version__, errors, interrupt
 from runner.app import ci as ci_app
-from runner.app import hosts, inspect
+from runner.app import hosts, inspect, merge
 from runner.app import requests as rq
 from runner.app.plan import plan, write_plan_reports
 from runner.app.run import apply
@@ -195,19 +195,25 @@ def _deploy_options(p: argparse.ArgumentParser) -> None:
                    "profile is unknown here")  # fmt: skip
 
 
+def _sharded_selection(p: argparse.ArgumentParser) -> None:
+    _selection_options(p)
+    p.add_argument("--shard", metavar="K/N", help="only shard K of N: a stable share of the selected "
+                   "nodes (see README; ci: default from CI_NODE_INDEX/CI_NODE_TOTAL or WAGGLE_SHARD)")  # fmt: skip
+
+
 Adder = Callable[[str, str], argparse.ArgumentParser]
 
 
 def _run_commands(add: Adder) -> None:
     p = add("build", "evaluate and build the selected nodes; print each node's system path")
-    for group in (_selection_options, _eval_options, _build_options, _deploy_options):
+    for group in (_sharded_selection, _eval_options, _build_options, _deploy_options):
         group(p)  # deploy options: for buildOnTarget nodes, which build on their hosts
     _report_options(p)
     p = add("apply", "evaluate, build and deploy the selected nodes")
     p.add_argument("goal", nargs="?", choices=GOALS, default=None,
                    help="build, push, switch (default; boot with --reboot), test, "
                    "dry-activate, upload-keys")  # fmt: skip
-    for group in (_selection_options, _eval_options, _build_options, _deploy_options):
+    for group in (_sharded_selection, _eval_options, _build_options, _deploy_options):
         group(p)
     _report_options(p)
     _change_options(p)
@@ -222,7 +228,7 @@ def _gitops_commands(add: Adder) -> None:
     p.add_argument("--base", required=True, metavar="REV",
                    help="the revision to compare against (SHA, branch, tag, HEAD~1, origin/main)")  # fmt: skip
     p.add_argument("--head", metavar="REV", help="the revision to plan (default: HEAD)")
-    _selection_options(p)
+    _sharded_selection(p)
     _plan_options(p)
     p.add_argument("--no-build", action="store_true", help="do not build the changed nodes")
     _eval_options(p)
@@ -235,7 +241,7 @@ def _gitops_commands(add: Adder) -> None:
     p.add_argument("--comment", action="store_true", default=None,
                    help="post the plan as a sticky PR/MR comment (token from the environment)")  # fmt: skip
     p.add_argument("--no-comment", dest="comment", action="store_false")
-    for group in (_selection_options, _eval_options, _build_options, _deploy_options):
+    for group in (_sharded_selection, _eval_options, _build_options, _deploy_options):
         group(p)
     _report_options(p)
     _change_options(p)
@@ -290,6 +296,11 @@ def _inspect_commands(add: Adder) -> None:
     _selection_options(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add("nix-info", "show the Nix version, flake support and the evaluation memory budget")
+    p = add("report", "work with run reports (`report merge`: join --shard runs' reports)")
+    p = p.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=_Parser).add_parser(
+        "merge", help="merge shard runs' JSON reports into one run's reports (exit 1 if it failed)")  # fmt: skip
+    p.add_argument("files", nargs="+", type=Path, metavar="REPORT.json", help="--report-json files of the shard runs")  # fmt: skip
+    _report_options(p, "merged run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -422,6 +433,7 @@ def apply_request(ns: Namespace, goal: Goal | None = None) -> rq.ApplyRequest:
         reports=_reports(ns)[0],
         view=_view(ns),
         command=ns.command,
+        shard=rq.shard_of(_opt(ns, "shard")),
     )
 
 
@@ -443,7 +455,7 @@ async def cmd_plan(ns: Namespace) -> int:
     request = rq.PlanRequest(base=ns.base, head=ns.head, hive=_hive_ref(ns), on=ns.on,
                           ignore=_ignore(ns), cache_dir=ns.cache_dir, eval=_eval_settings(ns),
                           build=not ns.no_build, build_jobs=ns.build_jobs,
-                          build_timeout=ns.build_timeout, reports=reports)  # fmt: skip
+                          build_timeout=ns.build_timeout, reports=reports, shard=rq.shard_of(ns.shard))  # fmt: skip
     result = await plan(request)
     console.print_plan(result, write_plan_reports(result, reports), to_stdout)
     return _exit(result.ok)
@@ -466,6 +478,12 @@ async def cmd_ci(ns: Namespace) -> int:
     for line in outcome.annotations:
         print(line, flush=True)
     return _exit(outcome.ok)
+
+
+async def cmd_report(ns: Namespace) -> int:  # `report merge`, its only action
+    summary = merge.merge_reports(rq.MergeRequest(tuple(ns.files), _reports(ns)[0]))
+    console.print_summary(summary, _reports(ns)[1], bool(_opt(ns, "debug")))
+    return _exit(summary.ok)
 
 
 async def cmd_watch(ns: Namespace) -> int:
@@ -539,6 +557,7 @@ COMMANDS: dict[str, Callable[[Namespace], Coroutine[Any, Any, int]]] = {
     "introspect": cmd_eval,
     "nodes": cmd_nodes,
     "nix-info": cmd_nix_info,
+    "report": cmd_report,
 }
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from runner.shard import ShardSpec
+
 
 class Stage(StrEnum):
     EVAL = "eval"
@@ -79,6 +81,10 @@ class RunSummary:
     stages: tuple[Stage, ...]  # the stages this goal runs, in order
     nodes: tuple[NodeResult, ...]  # the selected nodes, in selection order
     not_selected: tuple[str, ...] = ()  # nodes of the hive left out by --on
+    # --shard K/N: the run's share, and every node --on selected (all shards'), in order;
+    # `nodes` are this shard's, the other shards' nodes are in no list above.
+    shard: ShardSpec | None = None
+    sharded_from: tuple[str, ...] = ()
 
     @property
     def failed(self) -> tuple[NodeResult, ...]:

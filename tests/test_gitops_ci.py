@@ -23,6 +23,7 @@ from runner.gitops.ci import (
 )
 from runner.gitops.config import CiConfig
 from runner.results import NodeResult, RunSummary, Stage, StageResult, Status
+from runner.shard import ShardSpec
 
 BASE = "a" * 40
 HEAD = "b" * 40
@@ -442,3 +443,45 @@ def test_failed_nodes_from_summary():
     )
     summary = RunSummary("ci", "switch", "hive.nix", None, 0.0, 3.0, (Stage.BUILD,), (ok, bad))
     assert failed_nodes(summary) == [("web2", "activate failed: exit 4")]
+
+
+# -- shards from the CI's variables --------------------------------------------------------
+
+
+def test_shard_from_gitlab_parallel():
+    found = ci.shard_from_env({**GITLAB, "CI_NODE_INDEX": "2", "CI_NODE_TOTAL": "3"})
+    assert found == ci.CiShard(ShardSpec(2, 3), "CI_NODE_INDEX/CI_NODE_TOTAL")
+    # a job without `parallel:` has CI_NODE_TOTAL=1 and no index: not sharded
+    assert ci.shard_from_env({**GITLAB, "CI_NODE_TOTAL": "1"}) is None
+    # other CI services' CI_NODE_INDEX may count from 0: only GitLab's is read
+    assert ci.shard_from_env({"CI_NODE_INDEX": "0", "CI_NODE_TOTAL": "3"}) is None
+    with pytest.raises(UsageError, match="CI_NODE_INDEX/CI_NODE_TOTAL '4/3'"):
+        ci.shard_from_env({**GITLAB, "CI_NODE_INDEX": "4", "CI_NODE_TOTAL": "3"})
+
+
+def test_shard_from_waggle_shard_wins_over_gitlab():
+    env = {"GITHUB_ACTIONS": "true", "WAGGLE_SHARD": "1/4"}
+    assert ci.shard_from_env(env) == ci.CiShard(ShardSpec(1, 4), "WAGGLE_SHARD")
+    gitlab = {**GITLAB, "CI_NODE_INDEX": "2", "CI_NODE_TOTAL": "3", "WAGGLE_SHARD": "3/3"}
+    assert ci.shard_from_env(gitlab) == ci.CiShard(ShardSpec(3, 3), "WAGGLE_SHARD")
+    assert ci.shard_from_env({"DRONE": "true", "WAGGLE_SHARD": " "}) is None
+    with pytest.raises(UsageError, match="WAGGLE_SHARD 'two'"):
+        ci.shard_from_env({"WAGGLE_SHARD": "two"})
+
+
+def test_explicit_shard_wins_and_the_mode_line_says_so():
+    from runner.app.ci import shard_for
+    from runner.app.requests import ApplyRequest, CiRequest
+
+    env = {**GITLAB, "CI_NODE_INDEX": "2", "CI_NODE_TOTAL": "3"}
+    assert shard_for(CiRequest(apply=ApplyRequest()), env) == (
+        ShardSpec(2, 3),
+        "; shard 2/3 (from CI_NODE_INDEX/CI_NODE_TOTAL)",
+    )
+    given = CiRequest(apply=ApplyRequest(shard=ShardSpec(1, 3)))
+    assert shard_for(given, env) == (
+        ShardSpec(1, 3),
+        "; shard 1/3 (from --shard, over CI_NODE_INDEX/CI_NODE_TOTAL's 2/3)",
+    )
+    assert shard_for(given, {}) == (ShardSpec(1, 3), "; shard 1/3 (from --shard)")
+    assert shard_for(CiRequest(apply=ApplyRequest()), {}) == (None, "")

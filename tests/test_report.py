@@ -591,6 +591,7 @@ def test_json_schema():
             "skipped": 0,
             "not_selected": 2,
         },
+        "shard": None,
     }
     assert data["not_selected"] == ["backup", "edge"]
     nodes = {n["name"]: n for n in data["nodes"]}

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 import string
+import subprocess
+import sys
 
 import pytest
 
 from runner.errors import UsageError
 from runner.shard import ShardSpec, assign, capacity, first_choice, parse_shard, shard_nodes
+from tests.conftest import write_hive
+from tests.helpers import assert_clean_error, waggle
 
 TEN = [f"node-{i:02d}" for i in range(1, 11)]
 
@@ -115,3 +120,32 @@ def test_parse_shard():
     assert str(ShardSpec(2, 3)) == "2/3"
     with pytest.raises(UsageError, match=r"^WAGGLE_SHARD "):
         parse_shard("9/3", what="WAGGLE_SHARD")
+
+
+# -- the flag on the command line: one-line errors, exit 2 ----------------------------------
+
+
+@pytest.mark.parametrize("value", ["0/3", "4/3", "x/y", "1/0"])
+@pytest.mark.parametrize(
+    "command", [("build",), ("apply", "switch"), ("plan", "--base", "HEAD"), ("ci",)]
+)
+def test_bad_shard_flag_is_a_one_line_error(tmp_path, command, value):
+    write_hive(tmp_path, "{ meta.nixpkgs = import @NIXPKGS@ { }; alpha = { }; }")
+    done = waggle(*command, "--shard", value, cwd=tmp_path)
+    assert_clean_error(done, 2, f"--shard '{value}'")
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_bad_waggle_shard_variable_is_a_one_line_error(tmp_path):
+    write_hive(tmp_path, "{ meta.nixpkgs = import @NIXPKGS@ { }; alpha = { }; }")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GITHUB_", "CI_", "GITLAB"))}
+    for name, value, needle in (
+        ("WAGGLE_SHARD", "3/2", "WAGGLE_SHARD '3/2'"),
+        ("CI_NODE_INDEX", "0", "CI_NODE_INDEX/CI_NODE_TOTAL '0/3'"),
+    ):
+        extra = {name: value, "CI_NODE_TOTAL": "3", "GITLAB_CI": "true"}
+        done = subprocess.run(
+            [sys.executable, "-m", "runner", "ci"], cwd=tmp_path, env={**env, **extra},
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert_clean_error(done, 2, needle)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from runner.app.plan import plan, write_plan_reports
@@ -34,6 +34,7 @@ from runner.gitops.config import CiConfig, load_config, merge
 from runner.gitops.plan import DEFAULT_IGNORE, NodeChange, Plan
 from runner.goals import Goal
 from runner.results import NodeResult, RunSummary, Status
+from runner.shard import ShardSpec
 
 log = logging.getLogger("waggle")
 
@@ -105,6 +106,17 @@ def apply_request(request: CiRequest, config: CiConfig) -> ApplyRequest:
     )
 
 
+def shard_for(request: CiRequest, env: Mapping[str, str]) -> tuple[ShardSpec | None, str]:
+    """The job's shard: --shard, else the CI's variables (`ci.shard_from_env`); and the
+    mode line's words on where it came from."""
+    found = ci.shard_from_env(env)
+    given = request.apply.shard
+    if given is not None:
+        over = f", over {found.source}'s {found.spec}" if found and found.spec != given else ""
+        return given, f"; shard {given} (from --shard{over})"
+    return (found.spec, f"; shard {found.spec} (from {found.source})") if found else (None, "")
+
+
 def _rollout(request: CiRequest, config: CiConfig) -> DeploySettings:
     """The flags' deploy settings with waggle.yaml's `rollout:` where no flag was given
     (no --waves: `waves` is empty; --no-health-checks can only turn checks off)."""
@@ -134,8 +146,9 @@ async def run_ci(
     context = ci.detect(env)
     config, pr_settings = settings_for(request, context)
     chosen = ci.mode(context, config)
-    printer.mode(f"waggle ci: {ci.mode_reason(context, config)}")
-    run_request = apply_request(request, config)
+    shard, why = shard_for(request, env)
+    printer.mode(f"waggle ci: {ci.mode_reason(context, config)}{why}")
+    run_request = replace(apply_request(request, config), shard=shard)
     if chosen == "plan":
         outcome = await _plan(run_request, config, context, pr_settings, printer, env)
     else:
@@ -208,6 +221,7 @@ async def _plan(
             build_jobs=request.build.jobs,
             build_timeout=request.build.timeout,
             host_access=policy.enabled,
+            shard=request.shard,
         )
     )
     result = trust.decide_dry_activation(planned_run, policy)

@@ -13,6 +13,7 @@ from runner.gitops.plan import DEFAULT_IGNORE
 from runner.goals import Goal
 from runner.hosts.ssh import SshSettings
 from runner.nix import NixFlags
+from runner.shard import ShardSpec, parse_shard
 
 
 def parse_node_limit(text: str) -> int | None:
@@ -27,6 +28,11 @@ def parse_node_limit(text: str) -> int | None:
     if limit < 0:
         raise UsageError(f"--eval-node-limit {text!r}: must not be negative")
     return limit
+
+
+def shard_of(text: str | None) -> ShardSpec | None:
+    """`--shard K/N` (None: not given)."""
+    return None if text is None else parse_shard(text)
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,7 @@ class ApplyRequest:
     view: View = field(default_factory=View)
     command: str = "apply"  # for reports: "apply", "build", "upload-keys", "watch", ...
     host_factory: HostFactory | None = None  # None: SSH to each node's targetHost
+    shard: ShardSpec | None = None  # --shard K/N: this share of the --on selection only
 
     @property
     def goal(self) -> Goal:
@@ -103,6 +110,7 @@ class PlanRequest:
     build_timeout: float = 3 * 3600.0
     reports: Reports = field(default_factory=Reports)
     host_access: bool = False  # also evaluate how each node's host is reached (ci's trust)
+    shard: ShardSpec | None = None  # --shard K/N: build and report this share of the nodes
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,14 @@ class CiRequest:
     parallel_given: bool = False  # --parallel was on the command line (waggle.yaml loses)
     max_failures_given: bool = False  # --max-failures was (rollout.max_failures loses)
     confirm_timeout_given: bool = False  # --confirm-timeout was (rollout.confirm_timeout loses)
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    """`waggle report merge`: the JSON reports of shard runs into one run's reports."""
+
+    files: tuple[Path, ...]
+    reports: Reports = field(default_factory=Reports)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from runner.hive.selection import Selector, parse_on
 from runner.progress import choose_output
 from runner.report import jsonreport, junit, markdown
 from runner.results import NodeResult, RunSummary
+from runner.shard import ShardSpec, shard_nodes
 
 log = logging.getLogger("waggle")
 
@@ -45,6 +46,8 @@ class Selection:
     names: list[str]
     configs: dict[str, NodeConfig]
     all_names: tuple[str, ...] = ()
+    shard: ShardSpec | None = None  # --shard: `names` are this share of `sharded_from`
+    sharded_from: tuple[str, ...] = ()  # with --shard: what --on selected, every shard's
 
 
 async def open_hive(ref: HiveRef) -> Hive:
@@ -53,20 +56,29 @@ async def open_hive(ref: HiveRef) -> Hive:
     return await Hive(source, ref.flags).prepared()
 
 
-async def select(hive: Hive, on: str | None) -> Selection:
-    """The nodes `--on` picks (all without it), with their deployment settings."""
+async def select(hive: Hive, on: str | None, shard: ShardSpec | None = None) -> Selection:
+    """The nodes `--on` picks (all without it), with their deployment settings; with
+    `shard`, only that share of them (`runner.shard`)."""
     selector: Selector | None = parse_on(on) if on is not None else None
     names = await hive.node_names()
     if not names:
         raise HiveError(f"{hive.source.describe()}: the hive has no nodes")
-    if selector is None:
-        return Selection(names, await hive.deployment(names), tuple(names))
-    if selector.needs_tags:
+    configs: dict[str, NodeConfig] = {}
+    if selector is not None and selector.needs_tags:
         configs = await hive.deployment(names)
-        chosen = selector.select(names, {n: c.tags for n, c in configs.items()})
-        return Selection(chosen, {n: configs[n] for n in chosen}, tuple(names))
-    chosen = selector.select(names, {})
-    return Selection(chosen, await hive.deployment(chosen), tuple(names))
+    chosen = (
+        names
+        if selector is None
+        else selector.select(names, {n: c.tags for n, c in configs.items()})
+    )
+    sharded_from: tuple[str, ...] = ()
+    if shard is not None:
+        sharded_from, chosen = tuple(chosen), shard_nodes(chosen, shard)
+        log.info("shard %s: %d of %d selected node(s)", shard, len(chosen), len(sharded_from))
+    if not configs:
+        configs = await hive.deployment(chosen) if chosen else {}
+    configs = {n: configs[n] for n in chosen}
+    return Selection(chosen, configs, tuple(names), shard, sharded_from)
 
 
 @contextlib.contextmanager
@@ -115,7 +127,7 @@ async def _hive_for_run(request: ApplyRequest) -> tuple[Hive, Selection]:
             "no node filter: meta.allowApplyAll is false in this hive, so deploying needs --on"
         )
     hive = hive.with_flags(replace(hive.flags, machines_file=meta.machines_file))
-    return hive, await select(hive, request.on)
+    return hive, await select(hive, request.on, request.shard)
 
 
 async def _changed(
@@ -143,7 +155,7 @@ async def _changed(
         log.info("%s: deploying (%s)", node, why)
     log.info("%d node(s) unchanged since %s", len(found.unchanged), change.since)
     chosen = [n for n in selection.names if n in found.deploy]
-    narrowed = Selection(chosen, {n: selection.configs[n] for n in chosen}, selection.all_names)
+    narrowed = replace(selection, names=chosen, configs={n: selection.configs[n] for n in chosen})
     return narrowed, found, found.unchanged_results(started_at)
 
 
@@ -179,7 +191,7 @@ async def apply(request: ApplyRequest) -> RunSummary:
         nodes = [replace(r, reason=found.deploy.get(r.name, "")) for r in nodes]
     order = {n: i for i, n in enumerate(selection.all_names)}
     nodes = sorted([*nodes, *left_alone], key=lambda r: order.get(r.name, len(order)))
-    taken = {r.name for r in nodes}
+    taken = {r.name for r in nodes} | set(selection.sharded_from)  # not "not selected"
     summary = RunSummary(
         command=f"{request.command} {goal}" if request.command == "apply" else request.command,
         goal=str(goal),
@@ -190,6 +202,8 @@ async def apply(request: ApplyRequest) -> RunSummary:
         stages=stages,
         nodes=tuple(nodes),
         not_selected=tuple(n for n in selection.all_names if n not in taken),
+        shard=selection.shard,
+        sharded_from=selection.sharded_from,
     )
     write_reports(request.reports, summary)
     if stopped is not None:

@@ -35,6 +35,7 @@ from runner.errors import UsageError
 from runner.github import ANNOTATION_LIMIT, AnnotationKind, annotation
 from runner.gitops.config import CiConfig
 from runner.results import RunSummary
+from runner.shard import ShardSpec, parse_shard
 
 Provider = Literal["github", "gitlab", "drone", "none"]
 EventKind = Literal["pull_request", "push", "other"]
@@ -328,6 +329,30 @@ def _drone(env: Mapping[str, str]) -> CiContext:
         branch=_get(env, "DRONE_BRANCH", "DRONE_COMMIT_BRANCH") if name != "tag" else None,
         **common,
     )
+
+
+# -- shards -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CiShard:
+    spec: ShardSpec
+    source: str  # the variables it came from, for the mode line
+
+
+def shard_from_env(env: Mapping[str, str]) -> CiShard | None:
+    """The share of the nodes this job takes (`--shard` wins over it): `WAGGLE_SHARD`
+    ("K/N", set per job from GitHub's `strategy.matrix` or per Drone step), else, on
+    GitLab, `parallel:`'s CI_NODE_INDEX (1-based) of CI_NODE_TOTAL. None: not sharded."""
+    text = env.get("WAGGLE_SHARD", "").strip()
+    if text:
+        return CiShard(parse_shard(text, "WAGGLE_SHARD"), "WAGGLE_SHARD")
+    index = env.get("CI_NODE_INDEX", "").strip()
+    if env.get("GITLAB_CI") == "true" and index:
+        what = "CI_NODE_INDEX/CI_NODE_TOTAL"
+        total = env.get("CI_NODE_TOTAL", "").strip()
+        return CiShard(parse_shard(f"{index}/{total}", what), what)
+    return None
 
 
 # -- what to do -------------------------------------------------------------------------

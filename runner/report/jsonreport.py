@@ -18,12 +18,14 @@ changing the meaning of one bumps the version.
 | `run.stages` | array of string | the stages of the run, in order (`eval`, `build`, `push`, `keys`, `activate`, `confirm`, `post-keys`) |
 | `run.ok` | boolean | no selected node failed, and none was left unreached by `--waves`' failure budget |
 | `run.counts` | object | `nodes` (selected), `ok`, `failed`, `unchanged`, `skipped`, `not_selected`: integers |
+| `run.shard` | object or null | with `--shard K/N`: `index` (K), `total` (N), `rule` (`"waggle.shard/1"`) and `selected` (every node `--on` selected, all shards', in selection order); `nodes` then holds this shard's nodes only and `not_selected` no other shard's |
 | `nodes` | array of object | the selected nodes, in selection order |
 | `nodes[].name` | string | the node's name |
 | `nodes[].status` | string | `ok`, `failed`, `unchanged` (activation skipped: the host already runs this system) or `skipped` (only skipped stages) |
 | `nodes[].failed_stage` | string or null | the first stage that failed |
 | `nodes[].drv_path` | string or null | the system's derivation, once evaluated |
 | `nodes[].out_path` | string or null | the system's store path, once evaluated |
+| `nodes[].not_reached` | boolean | its rollout wave never started (or, in a merged report, its shard sent no report); its status is `skipped` |
 | `nodes[].reason` | string | why the node was deployed with `--changed-since`/`waggle ci`: `changed`, `added`, `drift: ...`; empty otherwise |
 | `nodes[].stages` | array of object | the stages the node went through, in the order they ran; stages it never reached are absent |
 | `nodes[].stages[].stage` | string | the stage |
@@ -47,8 +49,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from datetime import datetime
+from enum import Enum
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict, TypeVar
 
 from runner.report import (
     NodeStatus,
@@ -58,9 +63,11 @@ from runner.report import (
     node_status,
     status_counts,
 )
-from runner.results import NodeResult, RunSummary, StageResult
+from runner.results import NodeResult, RunSummary, Stage, StageResult, Status
+from runner.shard import RULE, ShardSpec
 
 SCHEMA = "waggle.report/1"
+_E = TypeVar("_E", bound=Enum)
 
 Fact = int | float | str
 
@@ -74,6 +81,13 @@ class CountsJson(TypedDict):
     not_selected: int
 
 
+class ShardJson(TypedDict):
+    index: int
+    total: int
+    rule: str
+    selected: list[str]
+
+
 class RunJson(TypedDict):
     command: str
     goal: str
@@ -84,6 +98,7 @@ class RunJson(TypedDict):
     stages: list[str]
     ok: bool
     counts: CountsJson
+    shard: ShardJson | None
 
 
 class StageJson(TypedDict):
@@ -104,6 +119,7 @@ class NodeJson(TypedDict):
     out_path: str | None
     reason: str
     wave: int | None
+    not_reached: bool
     rolled_back: bool
     stages: list[StageJson]
 
@@ -137,6 +153,7 @@ def report_json(summary: RunSummary) -> ReportJson:
                 "skipped": counts["skipped"],
                 "not_selected": len(summary.not_selected),
             },
+            "shard": _shard(summary),
         },
         "nodes": [_node(n) for n in summary.nodes],
         "not_selected": [clean_text(n) for n in summary.not_selected],
@@ -153,6 +170,7 @@ def _node(node: NodeResult) -> NodeJson:
         "out_path": _optional(node.out_path),
         "reason": clean_text(node.reason),
         "wave": node.wave,
+        "not_reached": node.not_reached,
         "rolled_back": node.rolled_back,
         "stages": [_stage(s) for s in node.stages],
     }
@@ -167,6 +185,17 @@ def _stage(result: StageResult) -> StageJson:
         "started_at": iso_utc(result.started_at) if result.started_at else None,
         "facts": {clean_text(k): _fact(v) for k, v in result.facts},
         "log_tail": log_tail(result.detail) or None,
+    }
+
+
+def _shard(summary: RunSummary) -> ShardJson | None:
+    if summary.shard is None:
+        return None
+    return {
+        "index": summary.shard.index,
+        "total": summary.shard.total,
+        "rule": RULE,
+        "selected": [clean_text(n) for n in summary.sharded_from],
     }
 
 
@@ -193,3 +222,113 @@ def dumps(summary: RunSummary) -> str:
 
 def write_json(summary: RunSummary, path: Path) -> None:
     path.write_text(dumps(summary), encoding="utf-8")
+
+
+# -- reading a report back (for `waggle report merge`) ------------------------------------
+
+
+class ReportFormatError(ValueError):
+    """A JSON document that is not a `waggle.report/1` run report; the message names the field."""
+
+
+def _field(data: object, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(data, dict) or key not in data:
+        raise ReportFormatError(f"{where}{key} is missing")
+    value = data[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _kinds(kind)):
+        raise ReportFormatError(f"{where}{key} has the wrong type")
+    return value
+
+
+def _kinds(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _epoch(text: str | None, where: str) -> float:
+    if text is None:
+        return 0.0
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise ReportFormatError(f"{where}: not an ISO 8601 time in UTC: {text!r}")
+    return when.timestamp()
+
+
+def _enum(kind: type[_E], value: str, where: str) -> _E:
+    try:
+        return kind(value)
+    except ValueError:
+        raise ReportFormatError(f"{where}: unknown value {value!r}") from None
+
+
+def _detail(tail: str | None) -> str:
+    """A stage detail whose `log_tail` is `tail` again ("[… N earlier lines]" kept as N
+    empty lines in front, so the count survives another round)."""
+    if not tail:
+        return ""
+    head, _, rest = tail.partition("\n")
+    omitted = re.fullmatch(r"\[… (\d+) earlier lines\]", head)
+    return "\n" * int(omitted.group(1)) + rest if omitted else tail
+
+
+def _stage_from(data: object, where: str) -> StageResult:
+    facts = _field(data, "facts", dict, where)
+    return StageResult(
+        stage=_enum(Stage, _field(data, "stage", str, where), f"{where}stage"),
+        status=_enum(Status, _field(data, "status", str, where), f"{where}status"),
+        seconds=float(_field(data, "seconds", (int, float), where)),
+        message=_field(data, "message", str, where),
+        detail=_detail(_field(data, "log_tail", (str, type(None)), where)),
+        started_at=_epoch(_field(data, "started_at", (str, type(None)), where), where),
+        facts=tuple((str(k), v) for k, v in facts.items() if isinstance(v, int | float | str)),
+    )
+
+
+def _node_from(data: object, where: str) -> NodeResult:
+    stages = _field(data, "stages", list, where)
+    wave = data.get("wave") if isinstance(data, dict) else None
+    return NodeResult(
+        name=_field(data, "name", str, where),
+        stages=tuple(_stage_from(s, f"{where}stages[{i}].") for i, s in enumerate(stages)),
+        drv_path=_field(data, "drv_path", (str, type(None)), where),
+        out_path=_field(data, "out_path", (str, type(None)), where),
+        reason=_field(data, "reason", str, where),
+        wave=wave if isinstance(wave, int) and not isinstance(wave, bool) else None,
+        not_reached=bool(data.get("not_reached", False)) if isinstance(data, dict) else False,
+    )
+
+
+def summary_from_json(data: object) -> RunSummary:
+    """The RunSummary a `waggle.report/1` document was written from, as far as the report
+    holds it: a stage's detail is its log tail. `report_json` of it gives the document back."""
+    schema = _field(data, "schema", str, "")
+    if schema != SCHEMA:
+        raise ReportFormatError(f"schema {schema!r} is not {SCHEMA!r}")
+    run = _field(data, "run", dict, "")
+    nodes = _field(data, "nodes", list, "")
+    shard = _field(run, "shard", (dict, type(None)), "run.") if "shard" in run else None
+    spec = None
+    if shard is not None:
+        rule = _field(shard, "rule", str, "run.shard.")
+        if rule != RULE:
+            raise ReportFormatError(f"run.shard.rule {rule!r} is not {RULE!r}")
+        spec = ShardSpec(
+            _field(shard, "index", int, "run.shard."), _field(shard, "total", int, "run.shard.")
+        )
+    return RunSummary(
+        command=_field(run, "command", str, "run."),
+        goal=_field(run, "goal", str, "run."),
+        hive=_field(run, "hive", str, "run."),
+        commit=_field(run, "commit", (str, type(None)), "run."),
+        started_at=_epoch(_field(run, "started_at", str, "run."), "run.started_at"),
+        seconds=float(_field(run, "seconds", (int, float), "run.")),
+        stages=tuple(_enum(Stage, s, "run.stages") for s in _field(run, "stages", list, "run.")),
+        nodes=tuple(_node_from(n, f"nodes[{i}].") for i, n in enumerate(nodes)),
+        not_selected=tuple(str(n) for n in _field(data, "not_selected", list, "")),
+        shard=spec,
+        sharded_from=tuple(str(n) for n in _field(shard, "selected", list, "run.shard."))
+        if shard is not None
+        else (),
+    )

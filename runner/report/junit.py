@@ -4,7 +4,7 @@ Layout (one `<testsuite>` in a `<testsuites>`):
 
 - the suite is named "waggle <command> <hive>", has a `timestamp` (the run's start, UTC,
   ISO 8601 without zone as the JUnit schema wants) and the properties `command`, `goal`,
-  `hive` and `commit` (left out when unknown);
+  `hive`, `commit` (left out when unknown) and `shard` ("2/3", only with --shard);
 - one test case per selected node and stage (`report_stages`): `classname="waggle.<stage>"`
   (GitLab shows it as the suite), `name=<node>`, `time=<stage seconds>`:
   - a failed stage has a `<failure type="waggle.<stage>" message="<stage message>">` whose
@@ -73,6 +73,8 @@ def junit_xml(summary: RunSummary) -> str:
     }
     if summary.commit is not None:
         properties["commit"] = one_line(summary.commit)
+    if summary.shard is not None:
+        properties["shard"] = str(summary.shard)  # K/N
     suite = TestSuite(
         one_line(f"waggle {summary.command} {summary.hive}"),
         cases,

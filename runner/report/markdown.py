@@ -5,6 +5,7 @@ Layout:
     ## Waggle: apply switch — 3 ok, 1 failed, 2 unchanged (of 6 nodes) in 42 s
 
     Hive `./hive.nix` at commit `abc1234`, goal `switch`, started 2025-01-01 12:00:00 UTC.
+    (With --shard: "Shard 2/3 (waggle.shard/1): 4 nodes of the 10 selected; ...".)
 
     | Node | Status | eval | build | push | activate | Pushed | Closure |
     | :--- | :--- | ---: | ---: | ---: | ---: | ---: | ---: |
@@ -58,6 +59,7 @@ from runner.report import (
     tail_lines,
 )
 from runner.results import NodeResult, RunSummary, Stage, StageResult, Status
+from runner.shard import RULE as SHARD_RULE
 
 STEP_SUMMARY_LIMIT = 1024 * 1024  # GitHub: "supports content up to a size of 1024k" per step
 STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
@@ -194,6 +196,11 @@ def _context(summary: RunSummary) -> str:
         f"Hive {code(summary.hive, 300)}{at}, goal {code(summary.goal, 100)}, "
         f"started {started} UTC."
     )
+    if summary.shard is not None:
+        text += (
+            f" Shard {summary.shard} ({SHARD_RULE}): {_nodes(len(summary.nodes))} of the "
+            f"{len(summary.sharded_from)} selected; the other shards' are in their own reports."
+        )
     left_out = summary.not_selected
     if left_out:
         shown = ", ".join(code(n, 100) for n in left_out[:_NOT_SELECTED_SHOWN])
