@@ -19,7 +19,11 @@ So the rule depends only on the set of selected node names (not on their order),
   its own name alone: adding or removing other nodes moves nothing. A node added to a full
   shard displaces that shard's lowest-scoring node to its next choice (one chain of moves,
   each off a full shard); when n crosses a multiple that raises the capacity, displaced
-  nodes may return to their first choice. Changing N moves about 1/N of the nodes.
+  nodes may return to their first choice. Measured over random hives, adding one node
+  moved any other in 10-18% of trials (10 to 500 nodes, 3 to 10 shards), at most 2 nodes;
+  from N to N + 1 shards about 1/(N + 1) of the nodes move.
+- The price: shards may be smaller than the even share (10 nodes in 3 shards: 0 to 5;
+  200 in 5: 24 to 50); the largest, which a sharded run's wall time follows, is bounded.
 
 Every node of the selection is in exactly one shard; with N above the node count some
 shards are empty.

@@ -322,3 +322,82 @@ def test_the_distribution_is_not_named_waggle():
     for path in yaml_files():
         pins = {s for _, specs in pip_installs(path) for s in specs if "==" in s}
         assert pins <= {f"{DISTRIBUTION}=={version}"}, (path, pins, version)
+
+
+# -- shard templates: a matrix of `waggle ci` jobs and a merge job ---------------------------
+
+GITHUB_SHARDS = TEMPLATES / "github" / "waggle-shards.yml"
+GITLAB_SHARDS = TEMPLATES / "gitlab" / ".gitlab-ci-shards.yml"
+DRONE_SHARDS = TEMPLATES / "drone" / ".drone-shards.yml"
+
+
+def assert_complete_shards(values: list[str]) -> None:
+    """Every value is a valid K/N (as `waggle ci` parses WAGGLE_SHARD), and together they
+    are shards 1..N of one N, each once."""
+    from runner.shard import parse_shard
+
+    specs = [parse_shard(v, "WAGGLE_SHARD") for v in values]
+    total = specs[0].total
+    assert sorted(s.index for s in specs) == list(range(1, total + 1)), values
+    assert {s.total for s in specs} == {total}
+
+
+def merge_line(path: Path) -> list[str]:
+    argv = [split(p, line) for p, line in command_lines() if p == path]
+    merges = [a for a in argv if a[:2] == ["report", "merge"]]
+    assert len(merges) == 1, (path, argv)
+    build_parser().parse_args(merges[0])
+    return merges[0]
+
+
+def test_shard_templates_exist_and_merge():
+    for path in (GITHUB_SHARDS, GITLAB_SHARDS, DRONE_SHARDS):
+        assert path in yaml_files()
+        argv = merge_line(path)
+        assert "--junit" in argv and "--report-md" in argv
+
+
+def test_github_shards_matrix_and_merge_job():
+    jobs = load(GITHUB_SHARDS)["jobs"]
+    deploy, report = jobs["deploy"], jobs["report"]
+    strategy = deploy["strategy"]
+    assert strategy["fail-fast"] is False  # one failing shard never cancels another's switch
+    assert_complete_shards(strategy["matrix"]["shard"])
+    step = next(s for s in deploy["steps"] if "waggle ci" in str(s.get("run", "")))
+    assert step["env"]["WAGGLE_SHARD"] == "${{ matrix.shard }}"
+    assert "--report-json" in step["run"]
+    assert deploy["concurrency"]["cancel-in-progress"] is False
+    assert "strategy.job-index" in deploy["concurrency"]["group"]
+    uploads = [s for s in deploy["steps"] if "upload-artifact" in str(s.get("uses", ""))]
+    assert "job-index" in uploads[0]["with"]["name"] and "always()" in uploads[0]["if"]
+    assert report["needs"] == "deploy" and "always()" in report["if"]
+    assert "secrets." not in yaml.safe_dump(report)  # merging needs no credentials
+
+
+def test_gitlab_shards_parallel_and_merge_job():
+    config = load(GITLAB_SHARDS)
+    deploy, report = config["waggle:deploy"], config["waggle:report"]
+    assert deploy["parallel"] >= 2 and deploy["interruptible"] is False
+    assert "$CI_NODE_INDEX" in deploy["resource_group"]
+    assert "$CI_NODE_INDEX" in deploy["script"][-1]  # one report file per shard
+    assert deploy["artifacts"]["when"] == "always"
+    assert report["needs"] == [{"job": "waggle:deploy", "artifacts": True}]
+    assert all(r.get("when") == "always" for r in report["rules"])
+    assert report["artifacts"]["reports"]["junit"] == "waggle-junit.xml"
+    assert "WAGGLE_SSH_KEY" not in yaml.safe_dump(report)
+
+
+def test_drone_shards_parallel_steps_and_merge_step():
+    (pipeline,) = load_all(DRONE_SHARDS)
+    assert pipeline["concurrency"]["limit"] == 1
+    assert "pull_request" not in pipeline["trigger"]["event"]
+    steps = {s["name"]: s for s in pipeline["steps"]}
+    shards = [s for s in pipeline["steps"] if "WAGGLE_SHARD" in s.get("environment", {})]
+    assert_complete_shards([s["environment"]["WAGGLE_SHARD"] for s in shards])
+    assert len({tuple(s["depends_on"]) for s in shards}) == 1  # all at once
+    for step in shards:
+        assert any("waggle ci --report-json" in c for c in step["commands"])
+    report = steps["report"]
+    assert sorted(report["depends_on"]) == sorted(s["name"] for s in shards)
+    assert "failure" in report["when"]["status"]
+    assert "from_secret" not in yaml.safe_dump(report)
