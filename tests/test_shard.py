@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -149,3 +150,41 @@ def test_bad_waggle_shard_variable_is_a_one_line_error(tmp_path):
             capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
         assert_clean_error(done, 2, needle)
+
+
+# -- plan and build: only the shard's nodes ------------------------------------------------
+
+SIX = [f"p{i}" for i in range(1, 7)]
+
+
+def six_node_repo(tmp_path, text: str) -> None:
+    nodes = "".join(f'  {n} = {{ environment.etc.v.text = "{n} {text}"; }};\n' for n in SIX)
+    write_hive(tmp_path, "{\n  meta.nixpkgs = import @NIXPKGS@ { };\n" + nodes + "}\n")
+
+
+def test_plan_shard_builds_and_reports_only_its_nodes(tmp_path):
+    from tests.test_cli_plan import git
+
+    six_node_repo(tmp_path, "one")
+    git(tmp_path, "init", "-q", "-b", "main")
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-qm", "one")
+    six_node_repo(tmp_path, f"two {tmp_path}")  # every node changes; unique: really built
+    git(tmp_path, "commit", "-qam", "two")
+    done = waggle("plan", "--base", "HEAD~1", "--shard", "2/3", "--json", "plan.json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    mine = shard_nodes(SIX, ShardSpec(2, 3))
+    assert [n["name"] for n in plan["nodes"]] == mine
+    assert all(n["kind"] == "changed" for n in plan["nodes"])
+    assert any(f"shard 2/3 (waggle.shard/1): {len(mine)} of 6 nodes" in t for t in plan["notes"])
+
+
+def test_an_empty_shard_is_an_empty_run(tmp_path):
+    six_node_repo(tmp_path, "empty")
+    empty = next(k for k in range(1, 11) if not shard_nodes(SIX, ShardSpec(k, 10)))
+    done = waggle("build", "--shard", f"{empty}/10", "--report-json", "r.json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["nodes"] == [] and report["not_selected"] == []
+    assert report["run"]["shard"]["selected"] == SIX
