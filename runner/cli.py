@@ -73,6 +73,8 @@ def _global_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--impure", action="store_true", default=s, help="allow impure flake evaluation")
     p.add_argument("--nix-option", nargs=2, action="append", metavar=("NAME", "VALUE"), default=s,
                    help="pass --option NAME VALUE to local Nix commands (repeatable)")  # fmt: skip
+    p.add_argument("--builders", metavar="SPEC", default=s, help="remote builders for every evaluation and build "
+                   "(Nix's `builders`: machines lines or @FILE; '' for none); replaces meta.machinesFile")  # fmt: skip
     p.add_argument(
         "-v", "--verbose", action="store_true", default=s, help="more log lines on stderr"
     )
@@ -330,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _hive_ref(ns: Namespace) -> rq.HiveRef:
     options = tuple((n, v) for n, v in (_opt(ns, "nix_option") or []))
-    flags = NixFlags(bool(_opt(ns, "show_trace")), bool(_opt(ns, "impure")), options=options)
+    flags = NixFlags(bool(_opt(ns, "show_trace")), bool(_opt(ns, "impure")), options=options,
+                     builders=_opt(ns, "builders"))  # fmt: skip
     return rq.HiveRef(config=_opt(ns, "config"), cwd=Path.cwd(), flags=flags)
 
 

@@ -1,7 +1,7 @@
 """One async function per Nix command. Typed results, no CLI knowledge.
 
 Every function takes `NixFlags` (the user's --show-trace, --impure,
---nix-option and the hive's machinesFile) and calls `runner.process.run`.
+--nix-option, --builders and the hive's machinesFile) and calls `runner.process.run`.
 """
 
 from __future__ import annotations
@@ -25,10 +25,13 @@ class NixFlags:
     impure: bool = False
     options: tuple[tuple[str, str], ...] = ()
     machines_file: str | None = None
+    builders: str | None = None  # --builders: replaces meta.machinesFile ("" for none)
 
     def common(self) -> list[str]:
         args: list[str] = []
-        if self.machines_file:
+        if self.builders is not None:
+            args += ["--option", "builders", self.builders]
+        elif self.machines_file:
             args += ["--option", "builders", f"@{self.machines_file}"]
         for name, value in self.options:
             args += ["--option", name, value]

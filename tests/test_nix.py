@@ -79,3 +79,10 @@ def test_valid_paths():
     path = done.value
     assert asyncio.run(nix.valid([path]))
     assert not asyncio.run(nix.valid([path, "/nix/store/" + "0" * 32 + "-missing"]))
+
+
+def test_builders_replace_the_machines_file():
+    flags = NixFlags(machines_file="/m", builders="ssh://b x86_64-linux")
+    assert flags.store_args() == ["--option", "builders", "ssh://b x86_64-linux"]
+    assert NixFlags(machines_file="/m", builders="").store_args() == ["--option", "builders", ""]
+    assert NixFlags(machines_file="/m").store_args() == ["--option", "builders", "@/m"]

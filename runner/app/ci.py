@@ -222,7 +222,8 @@ async def _plan(
             build_timeout=request.build.timeout,
             host_access=policy.enabled,
             shard=request.shard,
-        )
+        ),
+        builders_from="base",  # a pull request's own meta.machinesFile is not used
     )
     result = trust.decide_dry_activation(planned_run, policy)
     result = replace(result, notes=(*result.notes, *settings.notes))
@@ -236,7 +237,7 @@ async def _plan(
     planned = [n for n in result.nodes if n.dry_activate_planned]
     if planned:
         # Show on the hosts what activation would change; nothing is switched.
-        dry = await dry_activate_pr(request, planned)
+        dry = await dry_activate_pr(request, planned, result.machines_file)
         printer.run(dry)
         failed += ci.failed_nodes(dry)
         ok, runs = dry.ok, (dry,)
@@ -262,12 +263,16 @@ def _comment(
         log.warning("plan comment failed: %s", e.message)
 
 
-async def dry_activate_pr(request: ApplyRequest, planned: Sequence[NodeChange]) -> RunSummary:
+async def dry_activate_pr(
+    request: ApplyRequest, planned: Sequence[NodeChange], machines_file: str | None = None
+) -> RunSummary:
     """Dry-activate a pull request's planned nodes: the PR's systems (built from the
     checked-out tree), each host reached only with the base's connection settings, no
-    keys, no build on a target, no remote builders from the PR's meta; nothing switched."""
+    keys, no build on a target, no remote builders from the PR's meta (`machines_file`
+    is the plan's: the base commit's); nothing switched."""
     started_at, start = time.time(), time.monotonic()
     hive = await open_hive(request.hive)
+    hive = hive.with_flags(replace(hive.flags, machines_file=machines_file))
     names = [n.name for n in planned]
     configs = {n.name: trust.dry_activation_config(n) for n in planned}
     settings: DeploySettings = replace(

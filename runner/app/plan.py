@@ -10,6 +10,7 @@ from pathlib import Path
 
 from runner.app.requests import PlanRequest, Reports
 from runner.app.run import ReportError
+from runner.gitops.builders import Side
 from runner.gitops.plan import Plan, PlanBuildSettings, build_and_diff, compute_plan, hive_path_of
 from runner.hive.discovery import locate
 from runner.hive.selection import parse_on
@@ -18,8 +19,11 @@ from runner.report.plan import plan_json, plan_junit, plan_markdown
 from runner.shard import RULE, ShardSpec, shard_nodes
 
 
-async def plan(request: PlanRequest) -> Plan:
-    """Evaluate base and head, compare, build what changed (unless asked not to)."""
+async def plan(request: PlanRequest, *, builders_from: Side = "head") -> Plan:
+    """Evaluate base and head, compare, build what changed (unless asked not to).
+
+    Remote builders: --builders, else meta.machinesFile of the `builders_from` commit
+    (`waggle ci` passes "base" for a pull request: see runner.gitops.builders)."""
     source = locate(request.hive.config, request.hive.cwd)
     computed = await compute_plan(
         hive_path_of(source),
@@ -31,6 +35,7 @@ async def plan(request: PlanRequest) -> Plan:
         flags=request.hive.flags,
         eval_settings=request.eval,
         host_access=request.host_access,
+        builders_from=builders_from,
     )
     if request.shard is not None:
         computed = shard_plan(computed, request.shard)

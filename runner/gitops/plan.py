@@ -8,10 +8,14 @@
 3. Evaluate the selected nodes at head and at base, each from its commit's tree written
    to a temporary directory (flakes as `path:` references), so both sides see exactly the
    committed files. Base results are cached on disk by tree id and Nix version.
+   (`apply --changed-since` and `waggle ci` on a push evaluate head with the run's own
+   hive instead, and build and deploy from that evaluation.) Remote builders: see
+   runner.gitops.builders.
 4. Compare drvPaths: changed, added, removed, unchanged.
-5. `build_and_diff`: build the changed and added nodes, and for changed nodes diff the
-   packages of the base and head derivation closures (the base is never built) and
-   report the closure size delta where both sizes are known.
+5. `build_and_diff`: build the changed and added nodes (not buildOnTarget ones: they are
+   built on their hosts at deploy time), and for changed nodes diff the packages of the
+   base and head derivation closures (the base is never built) and report the closure
+   size delta where both sizes are known.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ import pygit2
 from runner import nix
 from runner.build import BuildSettings, build_node
 from runner.errors import HiveError, NixError, UsageError
-from runner.evaluate import EvalSettings, NodeEval, evaluate
+from runner.evaluate import EvalRun, EvalSettings, NodeEval, evaluate
 from runner.gitops import cache
+from runner.gitops.builders import Side, machines_file_of
 from runner.gitops.cache import HostAccess, SideEval, SideNode
 from runner.gitops.changes import (
     GitError,
@@ -154,6 +159,7 @@ class NodeChange:
     base_access_error: str | None = None
     head_access_error: str | None = None
     dry_activate: DryActivation | None = None  # set by trust.decide_dry_activation
+    build_on_target: bool = False  # deployment.buildOnTarget at head: not built by a plan
 
     @property
     def affected(self) -> bool:
@@ -186,6 +192,9 @@ class Plan:
     seconds: float = 0.0
     ignore: tuple[str, ...] = field(default=DEFAULT_IGNORE)
     dry_activation: DryActivationPolicy | None = None  # pull requests in `waggle ci` only
+    machines_file: str | None = None  # meta.machinesFile the plan evaluated and builds with
+    # compute_plan(head_hive=...): the head evaluation itself, for the run's build step
+    head_evaluation: EvalRun | None = field(default=None, compare=False, repr=False)
 
     @property
     def affected(self) -> tuple[NodeChange, ...]:
@@ -311,10 +320,11 @@ class _Inputs:
     settings: EvalSettings
     cache_dir: Path | None
     host_access: bool
+    head_hive: Hive | None = None  # evaluate head with this hive, not a checkout
+    builders_from: Side = "head"  # whose meta.machinesFile (without --builders)
 
 
-async def _evaluate_side(source: HiveSource, inputs: _Inputs) -> SideEval:
-    hive = await Hive(source, inputs.flags).prepared()
+async def _evaluate_side(hive: Hive, inputs: _Inputs) -> tuple[SideEval, EvalRun | None]:
     names = await hive.node_names()
     selector = inputs.selector
     tags: dict[str, tuple[str, ...]] = {}
@@ -322,16 +332,32 @@ async def _evaluate_side(source: HiveSource, inputs: _Inputs) -> SideEval:
         tags = {n: c.tags for n, c in (await hive.deployment(names)).items()}
     chosen = list(names) if selector is None else selector.matching(names, tags)
     if not chosen:
-        return SideEval((), {})
+        return SideEval((), {}), None
     run = await evaluate(hive, chosen, inputs.settings)
     access = await _host_access(hive, chosen) if inputs.host_access else {}
-    return SideEval(
+    side = SideEval(
         tuple(sorted(chosen)),
         {
             n: SideNode(r.drv_path, r.out_path, r.error, r.detail, *access.get(n, (None, None)))
             for n, r in run.results.items()
         },
     )
+    return side, run
+
+
+async def _built_on_target(hive: Hive, names: Sequence[str]) -> frozenset[str]:
+    """The nodes among `names` with deployment.buildOnTarget (a node whose settings do not
+    evaluate counts as not: its build then fails or succeeds on its own)."""
+    try:
+        configs = await hive.deployment(names)
+    except HiveError:
+        if len(names) <= 1:
+            return frozenset()
+        found: set[str] = set()
+        for name in names:
+            found |= await _built_on_target(hive, [name])
+        return frozenset(found)
+    return frozenset(n for n, c in configs.items() if c.build_on_target)
 
 
 # -- compute_plan -------------------------------------------------------------------------
@@ -350,6 +376,8 @@ async def compute_plan(
     remote: str = "origin",
     callbacks: pygit2.RemoteCallbacks | None = None,
     host_access: bool = False,
+    head_hive: Hive | None = None,
+    builders_from: Side = "head",
 ) -> Plan:
     """Work out what the change base..head does to the selected nodes (no builds).
 
@@ -359,6 +387,13 @@ async def compute_plan(
     hive does not evaluate at head; a base that does not evaluate makes every node
     affected instead. With `host_access`, each node's HostAccess (how its host is
     reached) is read on both sides too (`NodeChange.base_access`, `head_access`).
+
+    `head_hive` (`apply --changed-since`, `waggle ci` on a push): head is evaluated with
+    this hive, the run's own at HEAD with the run's flags, instead of a checkout of the
+    head commit; the plan keeps that evaluation (`Plan.head_evaluation`) so the run builds
+    and deploys from it without evaluating again. Otherwise remote builders come from
+    `flags.builders` or the `builders_from` side's meta.machinesFile (runner.gitops.builders)
+    and `NodeChange.build_on_target` is read for the nodes a plan would build.
     """
     started = time.monotonic()
     repo = await asyncio.to_thread(hive_repository, hive_path)
@@ -387,14 +422,19 @@ async def compute_plan(
         eval_settings or EvalSettings(),
         cache_dir,
         host_access,
+        head_hive,
+        builders_from,
     )
     sides = await _evaluate_sides(inputs, head_commit, base_commit)
     if selector is not None and not sides.head.names and not (sides.base and sides.base.names):
         raise UsageError(f"--on {selector.text!r} matches no node at head or at base")
+    nodes = _compare(sides.head, sides.base)
     return replace(
         plan,
-        nodes=_compare(sides.head, sides.base),
+        nodes=tuple(replace(n, build_on_target=n.name in sides.on_target) for n in nodes),
         notes=(*notes, *sides.notes),
+        machines_file=sides.machines_file,
+        head_evaluation=sides.head_run,
         evaluations=sides.evaluations,
         base_cached=sides.base_cached,
         all_affected_reason=sides.all_affected_reason or plan.all_affected_reason,
@@ -469,27 +509,93 @@ class _Sides:
     evaluations: int  # sides evaluated with nix
     notes: tuple[str, ...]
     all_affected_reason: str | None
+    head_run: EvalRun | None = None
+    machines_file: str | None = None
+    on_target: frozenset[str] = frozenset()
 
 
 async def _evaluate_sides(
     inputs: _Inputs, head_commit: pygit2.Commit, base_commit: pygit2.Commit | None
 ) -> _Sides:
-    """Both sides, each from its commit's tree written to a temporary directory."""
+    """Both sides, each from its commit's tree written to a temporary directory (head from
+    `inputs.head_hive` when given)."""
     with tempfile.TemporaryDirectory(prefix="waggle-plan-") as tmp:
-        head_dir = await asyncio.to_thread(
-            checkout_tree, inputs.repo, head_commit, Path(tmp, "head")
-        )
-        head_source = _source_in(head_dir, inputs.rel)
-        if head_source is None:
-            raise HiveError(f"plan: there is no hive at {inputs.rel or '.'} in the head commit")
-        head_side = await _evaluate_side(head_source, inputs)
-        if base_commit is None:
-            return _Sides(head_side, None, False, 1, (), None)
-        base_side, cached, notes = await _base_side(inputs, base_commit, Path(tmp, "base"))
+        head_hive = inputs.head_hive or await _head_hive(inputs, head_commit, Path(tmp, "head"))
+        inputs, builders_note = await _with_builders(inputs, head_hive, base_commit, Path(tmp))
+        if inputs.head_hive is None:
+            head_hive = head_hive.with_flags(inputs.flags)
+        head_side, head_run = await _evaluate_side(head_hive, inputs)
+        notes = [builders_note] if builders_note else []
+        base_side, cached = None, False
+        if base_commit is not None:
+            base_side, cached, base_notes = await _base_side(inputs, base_commit, Path(tmp, "base"))
+            notes += base_notes
+        on_target = frozenset[str]()
+        if inputs.head_hive is None:
+            on_target = await _built_on_target(head_hive, _to_build(head_side, base_side))
+    sides = _Sides(
+        head_side, base_side, cached, 1, tuple(notes), None, head_run, inputs.flags.machines_file
+    )
+    sides = replace(sides, on_target=on_target)
+    if base_commit is None:
+        return sides
     if base_side is None:
         reason = "the hive does not evaluate at base: every node is treated as affected"
-        return _Sides(head_side, None, False, 1, tuple(notes), reason)
-    return _Sides(head_side, base_side, cached, 1 if cached else 2, tuple(notes), None)
+        return replace(sides, all_affected_reason=reason)
+    return replace(sides, evaluations=1 if cached else 2)
+
+
+async def _head_hive(inputs: _Inputs, commit: pygit2.Commit, dest: Path) -> Hive:
+    head_dir = await asyncio.to_thread(checkout_tree, inputs.repo, commit, dest)
+    head_source = _source_in(head_dir, inputs.rel)
+    if head_source is None:
+        raise HiveError(f"plan: there is no hive at {inputs.rel or '.'} in the head commit")
+    return await Hive(head_source, inputs.flags).prepared()
+
+
+async def _with_builders(
+    inputs: _Inputs, head_hive: Hive, base_commit: pygit2.Commit | None, tmp: Path
+) -> tuple[_Inputs, str | None]:
+    """`inputs` with the remote builders both sides evaluate with and the plan builds with
+    (runner.gitops.builders), and the note saying which."""
+    if inputs.head_hive is not None:  # the run's own hive: its flags hold the run's builders
+        return inputs, None
+    if inputs.flags.builders is not None:
+        return inputs, "remote builders: --builders"
+    if inputs.builders_from == "head":
+        found = await machines_file_of(head_hive, tmp, "head")
+    else:
+        found = await machines_file_of(await _base_hive(inputs, base_commit, tmp), tmp, "base")
+    return replace(inputs, flags=replace(inputs.flags, machines_file=found.machines_file)), (
+        found.note
+    )
+
+
+async def _base_hive(inputs: _Inputs, commit: pygit2.Commit | None, tmp: Path) -> Hive | None:
+    """The hive of the base commit (written to `tmp/base`, where `_base_side` finds it)."""
+    if commit is None or not _tree_has(commit, inputs.rel):
+        return None
+    base_dir = await asyncio.to_thread(checkout_tree, inputs.repo, commit, tmp / "base")
+    source = _source_in(base_dir, inputs.rel)
+    if source is None:
+        return None
+    try:
+        return await Hive(source, inputs.flags).prepared()
+    except HiveError:
+        return None
+
+
+def _to_build(head: SideEval, base: SideEval | None) -> list[str]:
+    """The nodes a plan builds: evaluated at head, with a drvPath the base lacks."""
+    out = []
+    for name in head.names:
+        h = head.nodes.get(name)
+        if h is None or h.error is not None or h.drv_path is None:
+            continue
+        b = base.nodes.get(name) if base is not None and name in base.names else None
+        if b is None or b.drv_path != h.drv_path:
+            out.append(name)
+    return out
 
 
 async def _base_side(
@@ -517,13 +623,15 @@ async def _base_side(
         if hit is not None:
             notes.append(f"base evaluation read from the cache ({path.name})")
             return hit, True, notes
-    base_dir = await asyncio.to_thread(checkout_tree, inputs.repo, commit, dest)
+    base_dir = (
+        dest if dest.exists() else await asyncio.to_thread(checkout_tree, inputs.repo, commit, dest)
+    )
     source = _source_in(base_dir, rel)
     if source is None:
         notes.append(f"there is no hive at {rel or '.'} in the base commit: every node is new")
         return SideEval((), {}), False, notes
     try:
-        side = await _evaluate_side(source, inputs)
+        side, _ = await _evaluate_side(await Hive(source, inputs.flags).prepared(), inputs)
     except HiveError as e:
         notes.append(f"base: {e.message}")
         return None, False, notes
@@ -679,6 +787,12 @@ async def closure_delta(base_out: str | None, head_out: str | None) -> ClosureDe
 # -- builds -----------------------------------------------------------------------------------
 
 
+ON_TARGET_NOTE = (
+    "not built: deployment.buildOnTarget builds it on its host at deploy time "
+    "(a plan never builds on or pushes to hosts)"
+)
+
+
 @dataclass(frozen=True)
 class PlanBuildSettings:
     jobs: int = 2  # concurrent builds
@@ -697,8 +811,16 @@ async def build_and_diff(
     plan: Plan, flags: NixFlags | None = None, settings: PlanBuildSettings | None = None
 ) -> Plan:
     """Build the changed and added nodes (unless `settings.build` is False) and add
-    package diffs and closure sizes to the changed ones."""
+    package diffs and closure sizes to the changed ones.
+
+    Builds use the plan's remote builders (`flags.builders`, else `plan.machines_file`).
+    A buildOnTarget node is not built: it is built on its host at deploy time, and a plan
+    never builds on or pushes to a host (nor can it always build such a node here); its
+    package diff is still computed from the derivations.
+    """
     flags = flags or NixFlags()
+    if plan.machines_file is not None:
+        flags = replace(flags, machines_file=plan.machines_file)
     settings = settings or PlanBuildSettings()
     limit = asyncio.Semaphore(max(1, settings.jobs))
 
@@ -707,7 +829,9 @@ async def build_and_diff(
             return change
         notes = list(change.notes)
         build = None
-        if settings.build:
+        if change.build_on_target:
+            notes.append(ON_TARGET_NOTE)
+        elif settings.build:
             async with limit:
                 build = await _build(change, flags, settings)
         packages = None
