@@ -118,11 +118,13 @@ async def evaluate_and_build(
     build_elsewhere: Container[str] = (),
     then: Continuation | None = None,
     events: Sink | None = None,
+    evaluated: EvalRun | None = None,
 ) -> BuildRun:
     """Evaluate `names` in chunks; build each node as soon as its chunk is done.
 
     Nodes in `build_elsewhere` (buildOnTarget) are evaluated only. `then`
     continues each node that got this far without failing (push, activate).
+    Nodes in `evaluated` (a change plan's head) are not evaluated again (`_evaluate_rest`).
     """
     limit = asyncio.Semaphore(max(1, build_settings.jobs if build_settings else 1))
     tasks: list[asyncio.Task[NodeResult]] = []
@@ -180,10 +182,32 @@ async def evaluate_and_build(
             emit.start(name, Stage.EVAL, f"evaluating ({len(chunk)} in this evaluator)")
 
     try:
-        run = await evaluate(hive, names, eval_settings, on_result, on_start)
+        run = await _evaluate_rest(hive, names, eval_settings, evaluated, on_result, on_start)
         results = await asyncio.gather(*tasks)
     finally:
         for t in tasks:
             t.cancel()
     order = {n: i for i, n in enumerate(names)}
     return BuildRun(tuple(sorted(results, key=lambda r: order[r.name])), run)
+
+async def _evaluate_rest(
+    hive: Hive,
+    names: Sequence[str],
+    settings: EvalSettings,
+    evaluated: EvalRun | None,
+    on_result: Callable[[NodeEval], None],
+    on_start: Callable[[Sequence[str]], None],
+) -> EvalRun:
+    """Evaluate `names`, except those `evaluated` holds (head, evaluated by a change plan
+    with the same hive and flags: `apply --changed-since`, `waggle ci` on a push). Their
+    results go to `on_result` at once, eval stage with its own time; the run returned is
+    the new evaluation, or `evaluated` when nothing was left to evaluate."""
+    known = evaluated.results if evaluated is not None else {}
+    rest = [n for n in names if n not in known]
+    on_start([n for n in names if n in known])
+    for name in names:
+        if name in known:
+            on_result(known[name])
+    if evaluated is not None and not rest:
+        return evaluated
+    return await evaluate(hive, rest, settings, on_result, on_start)

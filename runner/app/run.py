@@ -183,7 +183,8 @@ async def apply(request: ApplyRequest) -> RunSummary:
     recorder = Recorder()
     stopped: asyncio.CancelledError | None = None
     try:
-        nodes = await _evaluate_or_deploy(request, hive, selection, recorder)
+        evaluated = found.evaluated if found is not None else None
+        nodes = await _evaluate_or_deploy(request, hive, selection, recorder, evaluated)
     except asyncio.CancelledError as e:  # SIGTERM / Ctrl-C: report what is known, then stop
         stopped = e
         nodes = recorder.results(selection.names, stages, interrupt.reason())
@@ -221,7 +222,11 @@ def _builds_only(request: ApplyRequest, selection: Selection) -> bool:
 
 
 async def _evaluate_or_deploy(
-    request: ApplyRequest, hive: Hive, selection: Selection, recorder: Recorder
+    request: ApplyRequest,
+    hive: Hive,
+    selection: Selection,
+    recorder: Recorder,
+    evaluated: EvalRun | None = None,  # --changed-since: head, from the plan
 ) -> list[NodeResult]:
     if not selection.names:
         return []  # nothing changed: nothing to evaluate, build or deploy
@@ -232,7 +237,9 @@ async def _evaluate_or_deploy(
     if _builds_only(request, selection):
         with progress(request.view, names) as out:
             recorder.sink = out
-            built = await evaluate_and_build(hive, names, request.eval, build, events=recorder)
+            built = await evaluate_and_build(
+                hive, names, request.eval, build, events=recorder, evaluated=evaluated
+            )
             log_evaluation(built.evaluation)
         return list(built.nodes)
     settings = replace(request.deploy, base_dir=hive.source.directory)
@@ -247,6 +254,7 @@ async def _evaluate_or_deploy(
             settings,
             host_factory=request.host_factory,
             events=recorder,
+            evaluated=evaluated,
         )
         if run.build is not None:
             log_evaluation(run.build.evaluation)

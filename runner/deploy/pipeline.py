@@ -27,7 +27,7 @@ from runner.deploy.cache import CacheSettings
 from runner.deploy.lock import RunIdentity, hold_lock
 from runner.deploy.push import push_closure
 from runner.errors import WaggleError, failure_text
-from runner.evaluate import EvalSettings
+from runner.evaluate import EvalRun, EvalSettings
 from runner.events import Emitter, Sink, discard
 from runner.goals import Goal
 from runner.hive.hive import Hive
@@ -512,6 +512,7 @@ async def deploy(
     host_factory: HostFactory | None = None,
     events: Sink | None = None,
     require_target_host: bool = True,
+    evaluated: EvalRun | None = None,
 ) -> DeployRun:
     """Run `settings.goal` for the selected nodes; results in `names` order.
 
@@ -572,6 +573,7 @@ async def deploy(
                 build_elsewhere=on_target,
                 then=then,
                 events=emit.sink,
+                evaluated=evaluated,  # head from the change plan (evaluate_and_build)
             )
             results = list(run.nodes)
     finally:

@@ -4,6 +4,12 @@ The nodes a change affects (changed or added between base and head) are
 deployed; so are nodes whose host drifted (runs something else than head's
 system). Everything else is left alone and reported "unchanged" without a
 build or a push.
+
+Head is evaluated once per run: the plan evaluates head with the run's own hive (the
+working tree at HEAD, the run's flags and builders), and that evaluation
+(`ChangeSelection.evaluated`) goes on to the build and deploy steps
+(`evaluate_and_build(evaluated=...)`), as does the evaluation made for the drift check
+when the plan evaluated nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner.evaluate import EvalSettings, evaluate
+from runner.evaluate import EvalRun, EvalSettings, evaluate
 from runner.gitops.drift import find_drift
 from runner.gitops.plan import Plan, compute_plan
 from runner.hive.hive import Hive
@@ -28,6 +34,7 @@ class ChangeSelection:
     plan: Plan
     deploy: dict[str, str]  # node -> why: "changed", "added", "drift: ..."
     unchanged: tuple[str, ...]
+    evaluated: EvalRun | None = None  # head, evaluated with the run's hive (see above)
 
     def unchanged_results(self, started_at: float) -> list[NodeResult]:
         return [
@@ -69,7 +76,9 @@ async def select_changed(
         cache_dir=cache_dir,
         flags=flags,
         eval_settings=eval_settings,
+        head_hive=hive if head is None else None,
     )
+    evaluated = plan.head_evaluation
     selected = set(names)
     deploy: dict[str, str] = {n.name: str(n.kind) for n in plan.affected if n.name in selected}
     if plan.all_affected_reason:
@@ -82,9 +91,11 @@ async def select_changed(
         missing = [n for n in rest if n not in head_outs]
         if missing:  # nothing was evaluated (only ignored paths changed): evaluate head
             run = await evaluate(hive, missing, eval_settings)
+            evaluated = evaluated or run  # the build evaluates what neither run holds
             head_outs.update(
                 {n: r.out_path for n, r in run.results.items() if r.out_path is not None}
             )
             deploy.update({n: "evaluation failed" for n, r in run.results.items() if not r.ok})
         deploy.update(await find_drift(configs, head_outs, ssh, parallel=parallel))
-    return ChangeSelection(plan, deploy, tuple(n for n in names if n not in deploy))
+    unchanged = tuple(n for n in names if n not in deploy)
+    return ChangeSelection(plan, deploy, unchanged, evaluated)

@@ -1,0 +1,145 @@
+"""`apply --changed-since` and `waggle ci` on a push evaluate head once per node.
+
+The plan's head evaluation (drvPaths and outPaths) feeds the build and deploy steps. A
+`nix-instantiate` first on PATH logs every call's argv; each node evaluation's expression
+names the hive file it read, so head and base evaluations are told apart (the base is
+evaluated from a temporary checkout, `.../base/hive.nix`).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import needs_fleet, write_hive
+from tests.fleet import Fleet, free_first_octet
+from tests.helpers import waggle
+from tests.test_gitops_apply import git, github_env, outcome, rev
+
+pytestmark = needs_fleet()
+
+NAMES = ("once1", "once2", "once3")
+HIVE = """
+{
+  meta.nixpkgs = import @NIXPKGS@ { };
+  defaults = { name, ... }: { networking.hostName = name; };
+  once1 = import ./once1.nix;
+  once2 = import ./once2.nix;
+  once3 = import ./once3.nix;
+}
+"""
+
+ONCE = Counter(dict.fromkeys(NAMES, 1))
+# `(...).evalChunk [ ... ]`, `.evalOne "x"`, `.evalQueue [ ... ]`: a node evaluation.
+_NODE_EVAL = re.compile(r"\)\.(eval[A-Z]\w*) (.*)\Z", re.DOTALL)
+
+
+@pytest.fixture
+def counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A logging nix-instantiate first on PATH; returns the log (one base64 argv a line)."""
+    real = shutil.which("nix-instantiate")
+    assert real is not None
+    bin_dir, log = tmp_path / "bin", tmp_path / "nix-instantiate.log"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "nix-instantiate"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'line=$(printf "%s\\0" "$@" | base64 -w0); echo "$line" >> "{log}"\n'
+        f'exec "{real}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return log
+
+
+def node_evaluations(log: Path) -> list[str]:
+    """The expressions of the node evaluations logged."""
+    out = []
+    for line in log.read_text().splitlines():
+        argv = base64.b64decode(line).decode().split("\0")
+        expr = argv[argv.index("-E") + 1] if "-E" in argv else ""
+        if _NODE_EVAL.search(expr):
+            out.append(expr)
+    return out
+
+
+def head_evaluations(log: Path) -> Counter[str]:
+    """How often each node was evaluated at head (not from the plan's base checkout)."""
+    counts: Counter[str] = Counter()
+    for expr in node_evaluations(log):
+        found = _NODE_EVAL.search(expr)
+        if found is None or re.search(r"/waggle-plan-[^/]*/base/", expr):
+            continue
+        # the names as JSON (`builtins.fromJSON "[\"a\"]"`) or as Nix strings
+        counts.update(n for n in NAMES if re.search(rf'\\?"{n}\\?"', found.group(2)))
+    return counts
+
+
+def repo_with_hive(repo: Path, text: str) -> Path:
+    repo.mkdir(exist_ok=True)
+    hive = write_hive(repo, HIVE)
+    for n in NAMES:
+        (repo / f"{n}.nix").write_text(f'{{ environment.etc.v.text = "{n} {text}"; }}\n')
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "one")
+    return hive
+
+
+def test_changed_since_evaluates_head_once(tmp_path, counted):
+    hive = repo_with_hive(tmp_path / "repo", "one")
+    (hive.parent / "once2.nix").write_text('{ environment.etc.v.text = "once2 two"; }\n')
+    git(hive.parent, "commit", "-qam", "two")
+    done = waggle("apply", "build", "--changed-since", "HEAD~1", "-v", cwd=hive.parent)
+    assert done.returncode == 0, done.stderr
+    assert outcome(done)["once2"].endswith("-nixos-system-once2-23.11.standin"), done.stdout
+    assert "once2: deploying (changed)" in done.stderr
+    assert head_evaluations(counted) == ONCE, node_evaluations(counted)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory) -> Iterator[Fleet]:
+    octet = free_first_octet(len(NAMES), 150)
+    with Fleet.start(
+        tmp_path_factory.mktemp("fleet"), len(NAMES), names=list(NAMES), first_octet=octet
+    ) as f:
+        yield f
+
+
+def test_ci_push_evaluates_head_once_with_drift(fleet, tmp_path, counted):
+    repo = tmp_path / "repo"
+    repo_with_hive(repo, "ci-one")
+    ssh = ["--ssh-config", str(fleet.ssh_config)]
+    first = waggle("apply", *ssh, cwd=repo)
+    assert first.returncode == 0, first.stderr
+    before = rev(repo)
+    (repo / "once1.nix").write_text('{ environment.etc.v.text = "once1 ci-two"; }\n')
+    git(repo, "commit", "-qam", "two")
+    after = rev(repo)
+    fleet.run("once3", "ln -sfn /nix/var/nix/profiles /run/current-system")  # drift
+    counted.write_text("")
+    repo_json = {"full_name": "acme/fleet", "default_branch": "main"}
+    push = {"before": before, "after": after, "repository": repo_json}
+    done = subprocess.run(
+        [sys.executable, "-m", "runner", "ci", *ssh],
+        cwd=repo,
+        env=github_env(tmp_path, "push", push, after, "main") | {"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert outcome(done) == {"once1": "ok", "once2": "unchanged", "once3": "ok"}
+    assert fleet["once1"].resolve("/etc/v").read_text() == "once1 ci-two"
+    assert fleet["once3"].resolve("/etc/v").read_text() == "once3 ci-one"
+    assert head_evaluations(counted) == ONCE, node_evaluations(counted)
