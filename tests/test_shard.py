@@ -188,3 +188,37 @@ def test_an_empty_shard_is_an_empty_run(tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["nodes"] == [] and report["not_selected"] == []
     assert report["run"]["shard"]["selected"] == SIX
+
+
+def test_a_sharded_plan_posts_no_sticky_comment(tmp_path):
+    """Each shard's plan would replace the other shards' comment: none is posted."""
+    from tests.test_cli_plan import git
+
+    six_node_repo(tmp_path, "one")
+    (tmp_path / "waggle.yaml").write_text("comment: true\n")
+    git(tmp_path, "init", "-q", "-b", "main")
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-qm", "one")
+    base = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    six_node_repo(tmp_path, "two")
+    git(tmp_path, "commit", "-qam", "two")
+    event = tmp_path / "event.json"
+    event.write_text(json.dumps({
+        "pull_request": {"number": 5, "base": {"sha": base, "repo": {"full_name": "a/b"}},
+                         "head": {"sha": "f" * 40, "repo": {"full_name": "a/b"}}},
+        "repository": {"full_name": "a/b", "default_branch": "main"},
+    }))  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GITHUB_", "CI_", "GITLAB"))}
+    env.update({"GITHUB_ACTIONS": "true", "GITHUB_EVENT_NAME": "pull_request",
+                "GITHUB_EVENT_PATH": str(event), "GITHUB_REPOSITORY": "a/b",
+                "GITHUB_TOKEN": "t", "GITHUB_API_URL": "http://127.0.0.1:9"})  # fmt: skip
+    for shard, expected in (("2/3", "plan comment not posted: shard 2/3"), ("", "comment failed")):
+        done = subprocess.run(
+            [sys.executable, "-m", "runner", "ci"], cwd=tmp_path,
+            env={**env, "WAGGLE_SHARD": shard}, capture_output=True, text=True, timeout=300,
+            check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert expected in done.stderr, done.stderr

@@ -229,7 +229,9 @@ async def _plan(
     result = replace(result, notes=(*result.notes, *settings.notes))
     text = write_plan_reports(result, replace(request.reports, json=None))
     printer.plan(text)
-    if config.comment:
+    if config.comment and request.shard is not None:  # each shard would replace the others'
+        log.warning("plan comment not posted: shard %s plans only part of the nodes", request.shard)
+    elif config.comment:
         _comment(context, text, token, config)
     failed = [(n.name, n.error or "build failed") for n in result.failed]
     ok = result.ok
