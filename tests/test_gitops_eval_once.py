@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import needs_fleet, write_hive
+from tests.conftest import STANDIN, needs_fleet, write_hive
 from tests.fleet import Fleet, free_first_octet
 from tests.helpers import waggle
 from tests.test_gitops_apply import git, github_env, outcome, rev
@@ -28,6 +29,7 @@ from tests.test_gitops_apply import git, github_env, outcome, rev
 pytestmark = needs_fleet()
 
 NAMES = ("once1", "once2", "once3")
+SYSTEM = f"{platform.machine()}-linux"
 HIVE = """
 {
   meta.nixpkgs = import @NIXPKGS@ { };
@@ -77,7 +79,7 @@ def head_evaluations(log: Path) -> Counter[str]:
     counts: Counter[str] = Counter()
     for expr in node_evaluations(log):
         found = _NODE_EVAL.search(expr)
-        if found is None or re.search(r"/waggle-plan-[^/]*/base/", expr):
+        if found is None or re.search(r"/waggle-plan-[^/]*/base\b", expr):
             continue
         # the names as JSON (`builtins.fromJSON "[\"a\"]"`) or as Nix strings
         counts.update(n for n in NAMES if re.search(rf'\\?"{n}\\?"', found.group(2)))
@@ -143,3 +145,27 @@ def test_ci_push_evaluates_head_once_with_drift(fleet, tmp_path, counted):
     assert fleet["once1"].resolve("/etc/v").read_text() == "once1 ci-two"
     assert fleet["once3"].resolve("/etc/v").read_text() == "once3 ci-one"
     assert head_evaluations(counted) == ONCE, node_evaluations(counted)
+
+
+def test_changed_since_evaluates_a_flake_head_once(tmp_path, counted):
+    # A flake is evaluated from the working tree (git+file) at head and from a `path:`
+    # checkout at base: the drvPaths still agree, so the unchanged node stays unchanged.
+    repo = tmp_path / "repo"
+    shutil.copytree(STANDIN, repo / "nixpkgs")
+    flake = (
+        '{ outputs = { self }: let pkgs = import ./nixpkgs { system = "' + SYSTEM + '"; }; in {'
+        ' colmena = { meta.nixpkgs = pkgs; once1 = { environment.etc.motd.text = "MOTD"; };'
+        " once2 = { }; }; }; }\n"
+    )
+    (repo / "flake.nix").write_text(flake.replace("MOTD", "hi"))
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "one")
+    (repo / "flake.nix").write_text(flake.replace("MOTD", "hello"))
+    git(repo, "commit", "-qam", "two")
+    done = waggle("apply", "build", "--changed-since", "HEAD~1", "-v", cwd=repo)
+    assert done.returncode == 0, done.stderr
+    assert "once1: deploying (changed)" in done.stderr
+    assert "once2: deploying" not in done.stderr and "1 node(s) unchanged" in done.stderr
+    evaluations = head_evaluations(counted)
+    assert evaluations == Counter(once1=1, once2=1), node_evaluations(counted)
