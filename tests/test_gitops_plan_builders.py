@@ -178,5 +178,9 @@ def test_plan_does_not_build_build_on_target_nodes(tmp_path):
     nodes = {n["name"]: n for n in json.loads(report.read_text())["nodes"]}
     assert nodes["near"]["built"] is True
     assert nodes["far"]["kind"] == "changed" and nodes["far"]["built"] is None, nodes["far"]
+    assert nodes["far"]["build_on_target"] is True and nodes["near"]["build_on_target"] is False
+    assert (
+        "| far | changed | system derivation changed | on its host at deploy time |" in done.stdout
+    )
     assert any("buildOnTarget" in note for note in nodes["far"]["notes"]), nodes["far"]
     assert nodes["far"]["packages"] is not None  # the diff is still there

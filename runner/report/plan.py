@@ -73,6 +73,7 @@ def plan_markdown(plan: Plan) -> str:
         for n in sorted(plan.nodes, key=lambda n: (not n.affected, n.name)):
             if n.build is None:
                 built = "failed to evaluate" if n.error else ("not built" if n.affected else "")
+                built = "on its host at deploy time" if n.build_on_target else built
             elif n.build.ok:
                 built = "ok"
             else:
@@ -143,6 +144,7 @@ def plan_json(plan: Plan) -> dict[str, Any]:
             "head_out": n.head_out,
             "error": n.error,
             "built": None if n.build is None else n.build.ok,
+            "build_on_target": n.build_on_target,  # not built by the plan: see its notes
             "build_error": (
                 n.build.failure.message if n.build is not None and n.build.failure else None
             ),
