@@ -184,3 +184,19 @@ def test_plan_does_not_build_build_on_target_nodes(tmp_path):
     )
     assert any("buildOnTarget" in note for note in nodes["far"]["notes"]), nodes["far"]
     assert nodes["far"]["packages"] is not None  # the diff is still there
+
+
+def test_a_missing_machines_file_is_named(tmp_path):
+    # Nix silently uses no builders when the machines file is not there: Waggle says so.
+    repo = tmp_path / "repo"
+    nonce = plan_repo(repo, "machinesFile = ./no-such-machines;")
+    (repo / "web.nix").write_text('{ environment.etc.v.text = "' + nonce + '"; }\n')
+    git(repo, "commit", "-qam", "web without the builder")
+    report = tmp_path / "plan.json"
+    done = waggle("plan", "--base", "HEAD~1", "--report-json", str(report), cwd=repo)
+    assert done.returncode == 0, done.stdout + done.stderr
+    notes = json.loads(report.read_text())["notes"]
+    assert any("no-such-machines is not a file" in n for n in notes), notes
+    done = waggle("build", "--on", "db", cwd=repo)
+    assert done.returncode == 0, done.stderr
+    assert "no-such-machines is not a file: no remote builders from it" in done.stderr

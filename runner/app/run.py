@@ -20,6 +20,7 @@ from runner.errors import EXIT_NODES_FAILED, HiveError, UsageError, WaggleError
 from runner.evaluate import EvalRun
 from runner.events import Recorder, Sink
 from runner.gitinfo import head_commit
+from runner.gitops.builders import missing_machines_file
 from runner.gitops.changed import ChangeSelection, select_changed
 from runner.gitops.plan import hive_path_of
 from runner.goals import Goal
@@ -127,6 +128,8 @@ async def _hive_for_run(request: ApplyRequest) -> tuple[Hive, Selection]:
             "no node filter: meta.allowApplyAll is false in this hive, so deploying needs --on"
         )
     hive = hive.with_flags(replace(hive.flags, machines_file=meta.machines_file))
+    if hive.flags.builders is None and (warning := missing_machines_file(meta.machines_file)):
+        log.warning("%s: no remote builders from it", warning)
     return hive, await select(hive, request.on, request.shard)
 
 

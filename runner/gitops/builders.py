@@ -38,10 +38,19 @@ async def machines_file_of(hive: Hive | None, tree_dir: Path, side: Side) -> Bui
         return Builders(None, f"no remote builders: the {side} commit's meta: {e.message}")
     if path is None:
         return Builders(None, None)
+    if (missing := missing_machines_file(path)) is not None:
+        return Builders(None, f"no remote builders: the {side} commit's {missing}")
     given = Path(path)
-    if given.is_relative_to(tree_dir) and given.is_file():
+    if given.is_relative_to(tree_dir):
         try:
             path = await nix.add_to_store(str(given))
         except NixError as e:
             return Builders(None, f"no remote builders: meta.machinesFile: {e.summary}")
     return Builders(path, f"remote builders: meta.machinesFile of the {side} commit")
+
+
+def missing_machines_file(path: str | None) -> str | None:
+    """A warning when meta.machinesFile names no file (Nix then uses no builders, silently)."""
+    if path is None or Path(path).is_file():
+        return None
+    return f"meta.machinesFile {path} is not a file"
