@@ -628,10 +628,21 @@ def test_systemd_run_command_line(tmp_path, monkeypatch):
         str(tmp_path / "activated"),
         run_id,  # the host lock's run id (its own when none is given)
     ]
-    # Exactly this command line reached the host, each argument quoted on its own.
-    sent = [c for c in fake.commands if c.startswith("systemd-run ")]
-    assert sent == [command_line(expected)]
-    assert shlex.split(sent[0]) == expected
+    # One command prepared and started it (the launch), the runner's argv quoted argument by
+    # argument, never spliced into the script; exactly this command line reached systemd-run.
+    sent = [shlex.split(c) for c in fake.commands]
+    launches = [argv for argv in sent if argv[2:3] == [activation.LAUNCH_SCRIPT]]
+    assert [argv[:2] for argv in launches] == [["sh", "-c"]], fake.commands
+    description = f"Waggle activation: switch {toplevel}"
+    assert launches[0][3:] == [
+        "sh",
+        directory,
+        "systemd-run",
+        f"waggle-activate-{run_id}",
+        description,
+        *expected[13:],
+    ]
+    assert command_line(launches[0]) in fake.commands
     assert (records / "systemd-run.argv").read_text().splitlines() == expected[1:]
     assert (records / "nix-env.log").read_text() == (
         f"--profile /nix/var/nix/profiles/system --set {toplevel}\n"

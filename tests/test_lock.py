@@ -23,6 +23,7 @@ from typing import TypeVar
 
 import pytest
 
+from runner.deploy.hoststate import HostQuery, parse
 from runner.deploy.lock import (
     LOCK_SCRIPT,
     HostLockedError,
@@ -191,6 +192,53 @@ def test_lock_sh_holds_until_eof_or_a_silent_stdin(shell, tmp_path):
             first.kill()
         first.wait()
         first.stdout.close()
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_lock_sh_answers_the_query_once_locked_and_keeps_the_heartbeat(shell, tmp_path):
+    # The query (hoststate.py) rides on the lock's channel: its paths come first on stdin,
+    # read exactly, so the heartbeat after them still counts.
+    d = tmp_path / "waggle"
+    record = tmp_path / "activated"
+    record.write_text("running /nix/store/x-sys\nboot /nix/store/x-sys\n")
+    real = subprocess.run(
+        ["nix-store", "-qR", shutil.which("nix-store") or "nix-store"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()[:1]
+    query = HostQuery((*real, "/nix/store/00000000000000000000000000000000-gone"), str(record))
+    args = lock_argv(RunIdentity("r1", "dep", 0.0), idle=30, query=query)[4:]
+    proc = subprocess.Popen(
+        ["sh", "-c", LOCK_SCRIPT, "sh", *args],
+        executable=shell,
+        env={"PATH": os.environ["PATH"], "WAGGLE_LOCK_DIR": str(d)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(query.payload().decode() + ".")  # the paths, then a heartbeat
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "locked\n"
+        answer = []
+        while not answer or not answer[-1].startswith("query:"):
+            answer.append(proc.stdout.readline())
+            assert answer[-1], answer
+        state = parse(query, answer)
+        assert state is not None and state.missing == query.paths[-1:], answer
+        assert state.system.activated == state.system.activated_boot == "/nix/store/x-sys"
+        time.sleep(0.2)
+        assert proc.poll() is None and [f[2] for f in lines(d)] == ["r1"]
+        proc.stdin.close()  # EOF: Waggle is done
+        assert proc.wait(timeout=10) == 0
+        assert lines(d) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
 
 
 def run_runner(tmp_path: Path, run_id: str) -> tuple[subprocess.CompletedProcess[str], Path]:

@@ -4,13 +4,17 @@ Colmena runs `switch-to-configuration` inside the SSH session, so a network rest
 activation kills or hangs it (#343, #290, #262), and it waits for a rebooted host forever
 (#166, #303, #315). Waggle instead:
 
-- starts the activation detached on the host: a runner script in a per-run directory
-  `/run/waggle/activation-<id>/` (`run.sh`, `log`, `pid`, `status`), as a transient systemd
-  unit where systemd runs, else as a process in a session of its own (`setsid -f`);
+- starts the activation detached on the host, in one command (the launch: prepare and
+  start): a runner script in a per-run directory `/run/waggle/activation-<id>/` (`run.sh`,
+  `log`, `pid`, `status`), as a transient systemd unit where systemd runs, else as a process
+  in a session of its own (`setsid -f`). The directory is made once, so a launch whose
+  answer was lost with the connection can be sent again without starting a second runner;
 - follows its log with a separate command that prints every log line with its byte offset
-  (`<offset>:<text>`, from GNU grep's `-b`) and, once the runner is done, `status:<code>`.
-  After a lost connection it reconnects and follows again from the start of the last line
-  it delivered, skipping lines it has already seen, so no line is lost or duplicated;
+  (`<offset>:<text>`, from GNU grep's `-b`) and, once the runner is done, `status:<code>`,
+  and then removes the run directory when the deployer says it has the status (on a duplex
+  host: the same command, no extra round trip). After a lost connection it reconnects and
+  follows again from the start of the last line it delivered, skipping lines it has
+  already seen, so no line is lost or duplicated;
 - bounds everything: the whole activation by `timeout` (a timed-out activation is killed
   on the host), reconnecting by `reconnect_timeout`, a reboot wait by its `timeout`; on the
   host, switch-to-configuration is stopped after `timeout` + GRACE seconds even when no
@@ -36,13 +40,13 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 from runner.errors import WaggleError
 from runner.goals import ACTIVATION_GOALS
-from runner.hosts import Host, RemoteResult
+from runner.hosts import Host, RemoteResult, duplex
 from runner.scripts import script
 
 Method = Literal["systemd-run", "detached"]
@@ -125,10 +129,12 @@ class Reconnectable(Protocol):
 # -- scripts run on the host (runner/scripts/activation-*.sh; values only as positional
 # parameters, see each file for its arguments) ----------------------------------------
 
-SETUP_SCRIPT = script("activation-running.sh") + script("activation-setup.sh")  # DIR METHOD
+SETUP_SCRIPT = script("activation-running.sh") + script("activation-setup.sh")  # the prepare
+DETACH_SCRIPT = script("activation-detach.sh")  # defines detach LOG ARGV...
+# sh -c LAUNCH sh DIR METHOD UNIT DESCRIPTION RUNNER... < RUNNER_SCRIPT: prepare and start.
+LAUNCH_SCRIPT = SETUP_SCRIPT + DETACH_SCRIPT + script("activation-launch.sh")
 # DIR/run.sh on the host: the host lock's functions, then the runner (which holds the lock).
 RUNNER_SCRIPT = script("lock-lib.sh", comments=True) + script("activation-runner.sh", comments=True)
-DETACH_SCRIPT = script("activation-detach.sh")  # sh -c DETACH sh LOG ARGV...
 FOLLOW_SCRIPT = script("activation-running.sh") + script("activation-follow.sh")
 STOP_SCRIPT = script("activation-running.sh") + script("activation-stop.sh")
 CURRENT_SCRIPT = script("current-system.sh")  # sh -c CURRENT sh RECORD PATH...
@@ -149,20 +155,21 @@ def unit_name(run_id: str) -> str:
 
 
 def launch_argv(
-    method: Method,
+    method: MethodChoice,
     directory: str,
     toplevel: str,
     goal: str,
     *,
     set_profile: bool,
     run_id: str,
-    env: Mapping[str, str],
     confirm_window: float = 0.0,
     limit: float = 0.0,
     record: str = "",
     lock_run_id: str = "",
 ) -> list[str]:
-    """The argv that starts the runner on the host (exactly what is sent, quoted per argument)."""
+    """The argv of the launch (exactly what is sent, quoted per argument): it prepares the
+    run directory (run.sh from stdin) and starts the runner with `method` (auto: systemd-run
+    where systemd runs, else detached; see activation-launch.sh for the unit's properties)."""
     runner = [
         "/bin/sh",
         f"{directory}/run.sh",
@@ -175,27 +182,16 @@ def launch_argv(
         record,
         lock_run_id or run_id,
     ]
-    if method == "detached":
-        return ["sh", "-c", DETACH_SCRIPT, "sh", f"{directory}/log", *runner]
+    description = f"Waggle activation: {goal} {toplevel}"
     return [
-        "systemd-run",
-        f"--unit={unit_name(run_id)}",
-        f"--description=Waggle activation: {goal} {toplevel}",
-        "--collect",  # unload the unit once it has ended, failed or not
-        "--no-block",  # return once queued; the follower watches it
-        "--quiet",
-        "--no-ask-password",
-        "--service-type=exec",  # a runner that cannot be executed fails the start
-        # Waggle bounds the activation itself (and kills the unit when that expires).
-        "--property=TimeoutStartSec=infinity",
-        # Its own unit, hence its own cgroup: stopping or restarting sshd.service or the
-        # SSH session's scope (network units restarted by the activation) does not touch
-        # it. Stopping the unit TERMs the runner first, then whatever is left.
-        "--property=KillMode=mixed",
-        "--property=SendSIGHUP=no",
-        # The SSH session's PATH (nix-env, activation hooks) and LOCALE_ARCHIVE, as
-        # nixos-rebuild passes it; a unit would otherwise get systemd's defaults.
-        *(f"--setenv={k}={v}" for k, v in env.items() if v),
+        "sh",
+        "-c",
+        LAUNCH_SCRIPT,
+        "sh",
+        directory,
+        method,
+        unit_name(run_id),
+        description,
         *runner,
     ]
 
@@ -210,15 +206,22 @@ async def _run(
     timeout: float,
     input_data: bytes | None = None,
     on_line: Callable[[str], None] | None = None,
+    acknowledge: asyncio.Event | None = None,
 ) -> RemoteResult:
-    """host.run bounded by `timeout` (connecting included); a host error counts as lost."""
+    """host.run bounded by `timeout` (connecting included); a host error counts as lost.
+
+    With `acknowledge` (duplex hosts only), stdin stays open until that event is set, then
+    carries the line `done` (the follow script's cue to remove the run directory)."""
     timeout = max(timeout, 0.05)
     began = time.monotonic()
-    try:
-        return await asyncio.wait_for(
-            host.run(argv, input_data=input_data, timeout=timeout, on_line=on_line),
-            timeout + 1.0,
+    if acknowledge is not None and duplex(host):
+        running = host.run_fed(
+            argv, _acknowledgement(acknowledge), timeout=timeout, on_line=on_line
         )
+    else:
+        running = host.run(argv, input_data=input_data, timeout=timeout, on_line=on_line)
+    try:
+        return await asyncio.wait_for(running, timeout + 1.0)
     except TimeoutError:
         return RemoteResult(tuple(argv), None, "", "", time.monotonic() - began, timed_out=True)
     except (WaggleError, OSError) as e:
@@ -226,6 +229,12 @@ async def _run(
 
 
 run_step = _run  # one bounded remote step that never raises (for runner.deploy.confirm)
+
+
+async def _acknowledgement(event: asyncio.Event) -> AsyncIterator[bytes]:
+    """stdin of a follow command: `done` once the status has arrived, then EOF."""
+    await event.wait()
+    yield b"done\n"
 
 
 async def _reconnect(host: Host, give_up_at: float) -> bool:
@@ -277,16 +286,23 @@ class _Follower:
         self.last_start = -1  # byte offset of the last line delivered
         self.status: str | None = None
         self.armed: str | None = None  # the runner's DIR/armed, when it wrote one
+        self.removed = False  # the follow command removed the run directory
+        self.has_status = asyncio.Event()  # the status arrived (the follow command is told)
 
     def begin(self) -> int:
         """The byte offset to follow from: the start of the last line delivered."""
         self.base = max(self.last_start, 0)
         self.status = None
+        self.has_status = asyncio.Event()
         return self.base
 
     def line(self, text: str) -> None:
         if text.startswith("status:"):
             self.status = text.removeprefix("status:").strip()
+            self.has_status.set()
+            return
+        if text == "removed":
+            self.removed = True
             return
         if text.startswith("armed:"):
             self.armed = text.removeprefix("armed:").strip()
@@ -377,7 +393,6 @@ class _Activation:
     began: float = field(default_factory=time.monotonic)
     reconnects: int = 0
     chosen: Method = "detached"  # how it runs on the host, once known
-    env: dict[str, str] = field(default_factory=dict)  # PATH and LOCALE_ARCHIVE for a unit
     unit: str = ""  # the transient unit, once started with systemd-run
 
     def __post_init__(self) -> None:
@@ -389,7 +404,7 @@ class _Activation:
         return self.began + self.timeout
 
     async def run(self) -> ActivationResult:
-        ended = await self._prepare() or await self._start() or await self._follow()
+        ended = await self._start() or await self._follow()
         return ended or await self._finish()
 
     def result(
@@ -426,54 +441,34 @@ class _Activation:
             done = await _run(self.host, argv, timeout=give_up - time.monotonic())
         return done.ok
 
-    async def _prepare(self) -> ActivationResult | None:
-        """1. The run directory, the runner script, the method."""
-        setup, n = await _run_retrying(
-            self.host,
-            ["sh", "-c", SETUP_SCRIPT, "sh", self.directory, self.method],
-            deadline=min(self.deadline, time.monotonic() + STEP_TIMEOUT),
-            reconnect_timeout=self.reconnect_timeout,
-            input_data=RUNNER_SCRIPT.encode(),
-        )
-        self.reconnects += n
-        if not setup.ok:
-            return self.result(
-                False, f"Activation failed: could not prepare it: {setup.describe()}"
-            )
-        info: dict[str, str] = {}
-        for line in setup.stdout.splitlines():
-            key, _, value = line.partition("=")
-            info[key] = value
-        self.chosen = "systemd-run" if info.get("method") == "systemd-run" else "detached"
-        self.env = {k: info.get(k, "") for k in ("PATH", "LOCALE_ARCHIVE")}
-        return None
-
-    async def _launch(self, method: Method) -> RemoteResult:
+    async def _start(self) -> ActivationResult | None:
+        """1. Prepare and start the runner, one command. A lost connection may or may not
+        have started it: the launch is sent again (it starts nothing when the run directory
+        exists: `already`), and otherwise the follower finds out (`unstarted` if no pid
+        appears)."""
         argv = launch_argv(
-            method,
+            self.method,
             self.directory,
             self.toplevel,
             self.goal,
             set_profile=self.set_profile,
             run_id=self.run_id,
-            env=self.env,
             confirm_window=self.confirm_window,
             limit=self.timeout + GRACE,
             record=self.record,
             lock_run_id=self.lock_run_id,
         )
-        return await _run(
-            self.host, argv, timeout=min(STEP_TIMEOUT, self.deadline - time.monotonic())
+        started, n = await _run_retrying(
+            self.host,
+            argv,
+            deadline=min(self.deadline, time.monotonic() + STEP_TIMEOUT),
+            reconnect_timeout=self.reconnect_timeout,
+            input_data=RUNNER_SCRIPT.encode(),
         )
-
-    async def _start(self) -> ActivationResult | None:
-        """2. Start the runner. A lost connection may or may not have started it: the
-        follower finds out (it reports `unstarted` if no pid appears)."""
-        started = await self._launch(self.chosen)
-        refused = not started.ok and not started.lost and not started.timed_out
-        if refused and self.method == "auto" and self.chosen == "systemd-run":
-            self.chosen = "detached"  # e.g. systemd without D-Bus: a process of its own session
-            started = await self._launch(self.chosen)
+        self.reconnects += n
+        for line in started.stdout.splitlines():
+            if line in ("method=systemd-run", "method=detached"):
+                self.chosen = "systemd-run" if line == "method=systemd-run" else "detached"
         self.unit = f"{unit_name(self.run_id)}.service" if self.chosen == "systemd-run" else ""
         if not started.ok and not started.lost and not started.timed_out:
             await self.stop()
@@ -490,11 +485,13 @@ class _Activation:
             if left <= 0:
                 return None
             offset = self.follower.begin()
+            argv = ["sh", "-c", FOLLOW_SCRIPT, "sh", self.directory, str(offset), str(START_WAIT)]
             done = await _run(
                 self.host,
-                ["sh", "-c", FOLLOW_SCRIPT, "sh", self.directory, str(offset), str(START_WAIT)],
+                argv,
                 timeout=left,
                 on_line=self.follower.line,
+                acknowledge=self.follower.has_status if duplex(self.host) else None,
             )
             if self.follower.status is not None or done.timed_out:
                 return None
@@ -534,12 +531,13 @@ class _Activation:
         armed = status == "0" and (self.follower.armed or "").startswith("armed")
         if armed:  # the runner waits for a decision: its directory stays (confirm.py)
             return self.result(True, "Activation successful", 0, armed=True)
-        await _run_retrying(
-            self.host,
-            ["rm", "-rf", "--", self.directory],
-            deadline=time.monotonic() + GRACE,
-            reconnect_timeout=GRACE,
-        )
+        if not self.follower.removed:  # the follow command did not remove it (not duplex)
+            await _run_retrying(
+                self.host,
+                ["rm", "-rf", "--", self.directory],
+                deadline=time.monotonic() + GRACE,
+                reconnect_timeout=GRACE,
+            )
         if status == "none":
             return self.result(
                 False, "Activation failed: the activation ended without an exit status"

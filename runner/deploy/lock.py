@@ -8,7 +8,9 @@ lock through:
 
 - its connection: `lock.sh` on a channel of the node's SSH connection, started by
   `hold_lock`, holds it until its stdin ends (the block is left, or the connection closes)
-  or Waggle's heartbeat stops for IDLE seconds (a connection that died without closing);
+  or Waggle's heartbeat stops for IDLE seconds (a connection that died without closing).
+  Once it holds the lock it answers the run's query about the host, if given (missing
+  paths, current system: runner/deploy/hoststate.py), so that needs no command of its own;
 - its host-side activation (activation-runner.sh joins the run's lock with
   `waggle_lock_join` and leaves it when done, magic rollback's wait included), so a
   deployer killed mid-activation leaves the host locked until that work ends.
@@ -33,16 +35,19 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from runner.deploy.hoststate import QUERY_FUNCTION, HostQuery, HostState, parse
 from runner.errors import WaggleError
 from runner.hosts import Host, HostError, RemoteResult
 from runner.hosts.ssh import SshHost
 from runner.scripts import script
 
-LOCK_SCRIPT = script("lock-lib.sh") + script("lock.sh")  # sh -c LOCK sh RUN DEPLOYER SINCE IDLE
+# sh -c LOCK sh RUN DEPLOYER SINCE IDLE [RECORD BYTES]
+LOCK_SCRIPT = script("lock-lib.sh") + QUERY_FUNCTION + script("lock.sh")
 POLL = 0.5  # seconds between attempts while another run holds the host
 HEARTBEAT = 5.0  # seconds between the bytes that tell lock.sh the run is still there
 IDLE = 120.0  # seconds without a heartbeat after which lock.sh lets go
 RELEASE_WAIT = 5.0  # bound of the lock's release when the block is left
+QUERY_WAIT = 30.0  # bound of the query's answer once the lock is held
 HELD_EXIT = 3  # lock.sh's status when another run holds the host
 
 _WORD = re.compile(r"[A-Za-z0-9._:+-]{1,128}\Z")
@@ -101,8 +106,10 @@ class Holder:
         return f"run {self.run_id} from {self.deployer} since {self.since}"
 
 
-def lock_argv(owner: RunIdentity, idle: float = IDLE) -> list[str]:
-    """The argv of lock.sh for `owner` (exactly what is sent, quoted per argument)."""
+def lock_argv(owner: RunIdentity, idle: float = IDLE, query: HostQuery | None = None) -> list[str]:
+    """The argv of lock.sh for `owner` (exactly what is sent, quoted per argument); with
+    `query`, lock.sh answers it once it holds the lock (its paths come first on stdin)."""
+    asked = [query.record, str(len(query.payload()))] if query is not None else []
     return [
         "sh",
         "-c",
@@ -112,21 +119,27 @@ def lock_argv(owner: RunIdentity, idle: float = IDLE) -> list[str]:
         owner.deployer,
         owner.since,
         str(math.ceil(idle)),
+        *asked,
     ]
 
 
 @dataclass
 class _Channel:
     """One run of lock.sh on the host: its answer (`locked`, `held ...`, `failed`), then,
-    when locked, a heartbeat on its stdin until `close`."""
+    when locked, the query's answer (if asked) and a heartbeat on its stdin until `close`."""
 
     host: SshHost
     argv: list[str]
     heartbeat: float
+    query: HostQuery | None = None
     answer: str | None = None
     answered: asyncio.Event = field(default_factory=asyncio.Event)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[RemoteResult] | None = None
+    lines: list[str] = field(default_factory=list)  # after `locked`, until the query's end
+    state: HostState | None = None
+    queried: asyncio.Event = field(default_factory=asyncio.Event)
+    began: float = field(default_factory=time.monotonic)
 
     def start(self) -> None:
         self.task = asyncio.create_task(
@@ -134,12 +147,22 @@ class _Channel:
         )
 
     def _line(self, text: str) -> None:
-        if self.answer is None and text.split(" ", 1)[0] in ("locked", "held", "failed"):
-            self.answer = text.strip()
-            self.answered.set()
+        if self.answer is None:
+            if text.split(" ", 1)[0] in ("locked", "held", "failed"):
+                self.answer = text.strip()
+                self.answered.set()
+                self.began = time.monotonic()
+            return
+        if self.query is not None and not self.queried.is_set():
+            self.lines.append(text)
+            if text.startswith("query:"):
+                self.state = parse(self.query, self.lines, time.monotonic() - self.began)
+                self.queried.set()
 
     async def _feed(self) -> AsyncIterator[bytes]:
-        await self.answered.wait()  # nothing to say before the answer; none after a refusal
+        if self.query is not None:
+            yield self.query.payload()  # read by lock.sh once it holds the lock (exactly)
+        await self.answered.wait()  # nothing more before the answer; none after a refusal
         if self.answer != "locked":
             return
         while not self.stop.is_set():
@@ -147,6 +170,20 @@ class _Channel:
                 await asyncio.wait_for(self.stop.wait(), self.heartbeat)
             except TimeoutError:
                 yield b"."
+
+    async def wait_state(self, timeout: float) -> HostState | None:
+        """The query's answer (within `timeout` s); None without a query, or when the
+        channel ended or stayed silent first (the pipeline then asks on its own)."""
+        if self.query is None or self.task is None:
+            return None
+        queried = asyncio.create_task(self.queried.wait())
+        try:
+            await asyncio.wait(
+                {self.task, queried}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            queried.cancel()
+        return self.state
 
     async def wait_answer(self) -> str | None:
         """The answer, or None when the command ended without one (raising a host error)."""
@@ -196,12 +233,13 @@ class _HostLock:
     channel: _Channel | None = None
     lost: Holder | None = None  # another run took the host while this one still worked
 
-    async def attempt(self) -> Holder | None:
+    async def attempt(self, query: HostQuery | None = None) -> Holder | None:
         """Take the lock once: None when taken (the channel holds it), else the holder.
 
         Raises HostError when the host cannot be asked (cannot connect, no flock).
         """
-        channel = _Channel(self.host, lock_argv(self.owner, self.idle), self.heartbeat)
+        argv = lock_argv(self.owner, self.idle, query)
+        channel = _Channel(self.host, argv, self.heartbeat, query)
         channel.start()
         try:
             answer = await channel.wait_answer()
@@ -218,14 +256,21 @@ class _HostLock:
         reason = done.stderr.strip().splitlines()[-1:] or [done.describe()]
         raise HostError(f"{self.host.name}: could not take the host lock: {reason[0]}")
 
-    async def acquire(self, timeout: float, on_wait: Callable[[str], None] | None) -> None:
-        """Take the lock, retrying every `poll` s while another run holds the host."""
+    async def acquire(
+        self,
+        timeout: float,
+        on_wait: Callable[[str], None] | None,
+        query: HostQuery | None = None,
+    ) -> HostState | None:
+        """Take the lock, retrying every `poll` s while another run holds the host; the
+        answer to `query` (None: none asked, or none came)."""
         began = time.monotonic()
         seen: Holder | None = None
         while True:
-            holder = await self.attempt()
+            holder = await self.attempt(query)
             if holder is None:
-                return
+                assert self.channel is not None
+                return await self.channel.wait_state(QUERY_WAIT)
             waited = time.monotonic() - began
             if waited >= timeout:
                 raise HostLockedError(f"host locked by {holder.describe()} (waited {waited:.0f} s)")
@@ -269,8 +314,11 @@ async def hold_lock(
     poll: float = POLL,
     heartbeat: float = HEARTBEAT,
     idle: float = IDLE,
-) -> AsyncIterator[None]:
-    """Hold `host`'s lock for `owner`'s run while the block runs.
+    query: HostQuery | None = None,
+) -> AsyncIterator[HostState | None]:
+    """Hold `host`'s lock for `owner`'s run while the block runs; the block gets the
+    answer to `query`, asked by the lock's own channel once it holds the lock (None: no
+    query, no answer, or a host that is not locked: then ask with hoststate.query_host).
 
     Waits up to `timeout` s while another run holds the host (`on_wait` hears who, once
     per holder), then raises HostLockedError: "host locked by run <id> from <deployer>
@@ -279,13 +327,13 @@ async def hold_lock(
     module doc). Hosts other than SshHost are not locked.
     """
     if not isinstance(host, SshHost):
-        yield
+        yield None
         return
     lock = _HostLock(host, owner, poll, heartbeat, idle)
-    await lock.acquire(timeout, on_wait)
+    state = await lock.acquire(timeout, on_wait, query)
     keeper = asyncio.create_task(lock.keep())
     try:
-        yield
+        yield state
     finally:
         await lock.release(keeper)
     if lock.lost is not None:

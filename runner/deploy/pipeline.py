@@ -21,9 +21,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NoReturn
 
+from runner import nix
 from runner.build import BuildRun, BuildSettings, evaluate_and_build
 from runner.deploy import activation, confirm, health, keys, waves
 from runner.deploy.cache import CacheSettings
+from runner.deploy.hoststate import HostQuery, HostState, query_host
 from runner.deploy.lock import RunIdentity, hold_lock
 from runner.deploy.push import push_closure
 from runner.errors import WaggleError, failure_text
@@ -136,6 +138,41 @@ class _Pipeline:
     current: Stage = Stage.PUSH  # the stage running, or the next one between stages
     # The activation whose host waits for a confirmation (magic rollback), until decided.
     armed: activation.ActivationResult | None = None
+    # What the host lacks and runs (hoststate.py): asked by the lock's channel, else once
+    # by the first stage that needs it. The closure pushed, in export order.
+    query: HostQuery | None = None
+    state: HostState | None = None
+    asked: bool = False
+    closure: list[str] | None = None
+
+    async def make_query(self, built: NodeResult) -> HostQuery | None:
+        """The question for the host: the closure of what is pushed to it (None: keys only)."""
+        if self.settings.goal is Goal.UPLOAD_KEYS:
+            return None
+        root = built.drv_path if _builds_on_target(self.settings, self.config) else built.out_path
+        if root is None:
+            return None
+        self.closure = await nix.closure(root)
+        self.query = HostQuery(tuple(self.closure))
+        return self.query
+
+    async def host_state(self) -> HostState | None:
+        """The answer to the query; asked now (one command) unless the lock's channel did."""
+        if self.state is None and self.query is not None and not self.asked:
+            self.asked = True
+            self.state = await query_host(self.host, self.query)
+        return self.state
+
+    async def current_system(self) -> activation.CurrentSystem:
+        state = await self.host_state()
+        if state is not None:
+            return state.system
+        return await activation.current_system(self.host)
+
+    async def missing(self) -> list[str] | None:
+        """The paths the host lacks; None: not known (the push asks, for its message)."""
+        state = await self.host_state()
+        return list(state.missing) if state is not None and state.missing is not None else None
 
     def fail(self, stage: Stage, message: str, detail: str = "") -> None:
         """Record `stage` as failed without running it (a check or an error between stages)."""
@@ -219,7 +256,10 @@ class _Pipeline:
     async def build_on_host(self, drv: str) -> tuple[str, Facts]:
         """buildOnTarget: push the derivation's closure, realise it on the host."""
         host, timeout = self.host, self.settings.push_timeout
-        pushed = await push_closure(host, drv, substitute=True, timeout=timeout)
+        missing = await self.missing()
+        pushed = await push_closure(
+            host, drv, substitute=True, timeout=timeout, closure=self.closure, missing=missing
+        )
         done = await host.run(["nix-store", "--no-gc-warning", "--realise", drv], timeout=timeout)
         if not done.ok:
             raise StepError(f"build on {host.name} failed: {done.describe()}", detail=done.stderr)
@@ -227,11 +267,14 @@ class _Pipeline:
         return f"built on target ({pushed.describe()})", pushed.facts(closure=False)
 
     async def push(self, toplevel: str) -> tuple[str, Facts]:
+        missing = await self.missing()
         result = await push_closure(
             self.host,
             toplevel,
             substitute=self.settings.substitute,
             timeout=self.settings.push_timeout,
+            closure=self.closure,
+            missing=missing,
         )
         return result.describe(), result.facts()
 
@@ -239,7 +282,7 @@ class _Pipeline:
         """Activate unless the host already runs `toplevel`; reboot if asked."""
         settings, goal = self.settings, self.settings.goal
         self.current = Stage.ACTIVATE
-        current = await activation.current_system(self.host)
+        current = await self.current_system()
         if (
             not self.config.replace_unknown_profiles
             and not settings.force_replace_unknown_profiles
@@ -422,15 +465,19 @@ async def _deploy_node(
     p.current = Stage.KEYS if settings.goal is Goal.UPLOAD_KEYS else Stage.PUSH
     # The host's lock, for all of this node's host work (runner/deploy/lock.py); not
     # getting it is the first stage's failure.
-    lock = hold_lock(
-        host,
-        settings.run or RunIdentity.new(),
-        timeout=settings.lock_timeout,
-        on_wait=lambda line: emit.log(config.name, line, p.current),
-    )
     try:
-        async with permits, lock:
-            await p.run(built)
+        async with permits:
+            # The lock's channel also answers the query (hoststate.py): one command fewer.
+            lock = hold_lock(
+                host,
+                settings.run or RunIdentity.new(),
+                timeout=settings.lock_timeout,
+                on_wait=lambda line: emit.log(config.name, line, p.current),
+                query=await p.make_query(built),
+            )
+            async with lock as state:
+                p.state = state
+                await p.run(built)
     except _StageFailedError:
         pass
     except Exception as e:  # noqa: BLE001 - between stages: still this node's failure

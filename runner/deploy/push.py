@@ -1,9 +1,13 @@
 """Pushing a closure to a host: only the paths the host lacks.
 
-Asks the host which paths of the closure are missing (`nix-store
---check-validity --print-invalid`, paths on stdin), optionally lets the host
-substitute them from its own caches first, then streams `nix-store --export`
-of the rest into `nix-store --import` over the host's SSH connection.
+The paths the host lacks come from the run's query (runner/deploy/hoststate.py, answered by
+the host lock's channel), or from `missing_paths` (`nix-store --check-validity
+--print-invalid`, paths on stdin). Then ONE command (runner/scripts/push-import.sh) lets the
+host substitute the paths a cache can have from its own substituters, says which are still
+missing, and imports the `nix-store --export` stream of what is left: the substitution
+costs no extra round trip, and none at all when nothing is cacheable. (On a host that is
+not `duplex`, e.g. LocalHost, `missing_paths` and the substitution run as commands of their own
+before the import: `substitute_paths`.)
 
 Every step is bounded by the push timeout. The host's substitution is bounded
 on its own as well (short connect and stall timeouts, one attempt per file, a
@@ -21,15 +25,18 @@ killed rather than waited for: it would be blocked writing into a full pipe.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from runner import nix, process
 from runner.errors import WaggleError
-from runner.hosts import Host
+from runner.hosts import DuplexHost, Host, RemoteResult, duplex
+from runner.scripts import script
 
 SUBSTITUTE_TIMEOUT = 120.0
 """Seconds the host's own substitution may take at most (within the push timeout)."""
@@ -44,6 +51,8 @@ SUBSTITUTE_OPTIONS = (
     *("--option", "download-attempts", "1"),
     "--keep-going",
 )
+
+IMPORT_SCRIPT = script("push-import.sh")  # sh -c IMPORT sh LIMIT GRACE BYTES MORE [OPTION...]
 
 PATH_INFO = ("nix", "--extra-experimental-features", "nix-command", "path-info", "--json")
 
@@ -142,69 +151,141 @@ async def cacheable(paths: Sequence[str], *, timeout: float = 120) -> list[str]:
     return [p for p in outputs if p not in built_here]
 
 
-async def _substitute(host: Host, paths: Sequence[str], *, budget: float) -> float:
-    """Let the host fetch `paths` from its own substituters within `budget`; the seconds taken.
+def _lines(paths: Sequence[str]) -> bytes:
+    return "".join(f"{p}\n" for p in paths).encode()
+
+
+def _host_limit(budget: float) -> int:
+    """Seconds the host's `timeout` gives the substitution within `budget` (its KILL after
+    KILL_GRACE more, and a second for the answer, included)."""
+    return max(1, int(budget) - KILL_GRACE - 1)
+
+
+async def substitute_paths(
+    host: Host,
+    paths: Sequence[str],
+    *,
+    budget: float,
+    options: Sequence[str] = SUBSTITUTE_OPTIONS,
+) -> float:
+    """Ask the host to fetch `paths` from its own substituters within `budget`, as a command
+    of its own; the seconds taken. `options` go to that `nix-store --realise` only (e.g.
+    `--option extra-substituters URL` for one more cache; SUBSTITUTE_OPTIONS bound it).
 
     Failures are fine: what is still missing is pushed. The time limit is enforced on the
     host (`timeout` kills the substitution, so no stray `nix-store` holds path locks that
     the import would wait for); the local limit only catches a host that does not answer.
+    (A push to a duplex host does the same inside its import command: `import_argv`.)
     """
     start = time.monotonic()
-    limit = max(1, int(budget) - KILL_GRACE - 1)
     await host.run(
         [
-            *("timeout", "-k", str(KILL_GRACE), str(limit)),
-            *("xargs", "-r", "nix-store", "--realise", *SUBSTITUTE_OPTIONS),
+            *("timeout", "-k", str(KILL_GRACE), str(_host_limit(budget))),
+            *("xargs", "-r", "nix-store", "--realise", *options),
         ],
-        input_data="".join(f"{p}\n" for p in paths).encode(),
+        input_data=_lines(paths),
         timeout=budget,
     )
     return time.monotonic() - start
 
 
-async def push_closure(
-    host: Host,
-    root: str,
+def import_argv(
+    candidates: Sequence[str],
+    more: int,
     *,
-    substitute: bool = True,
-    timeout: float = 3600.0,
-    substitute_timeout: float = SUBSTITUTE_TIMEOUT,
-) -> PushResult:
-    start = time.monotonic()
-    deadline = start + timeout
+    budget: float,
+    options: Sequence[str] = SUBSTITUTE_OPTIONS,
+) -> list[str]:
+    """The import command (push-import.sh): substitute `candidates` first (within `budget`,
+    with `options` for that `nix-store --realise` only), then import; `more` is the number
+    of other paths that will be sent."""
+    nbytes = len(_lines(candidates))
+    limit = _host_limit(budget) if candidates else 0
+    argv = ["sh", "-c", IMPORT_SCRIPT, "sh", str(limit), str(KILL_GRACE), str(nbytes), str(more)]
+    return [*argv, *options]
 
-    def remaining() -> float:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise PushError(f"push to {host.name} timed out after {timeout:g} s")
-        return left
 
-    closure = await nix.closure(root)
-    closure_bytes = await nix.closure_size(closure)
-    missing = await missing_paths(host, closure, timeout=remaining())
-    substitute_seconds, substituted = 0.0, 0
-    if missing and substitute:
-        candidates = await cacheable(missing)
-        if candidates:
-            budget = min(substitute_timeout, remaining())
-            substitute_seconds = await _substitute(host, candidates, budget=budget)
-            still = await missing_paths(host, missing, timeout=remaining())
-            substituted = len(missing) - len(still)
-            missing = still
+@dataclass
+class _Import:
+    """One import command: the host's substitution answer (`missing:` ... `ready`), then the
+    export of what it still lacks, streamed into its `nix-store --import`."""
 
-    def result(sent_paths: int, sent_bytes: int) -> PushResult:
-        return PushResult(
-            len(closure),
-            sent_paths,
-            sent_bytes,
-            time.monotonic() - start,
-            closure_bytes,
-            substitute_seconds,
-            substituted,
+    missing: list[str]  # in closure order
+    candidates: list[str]  # of those, the ones the host tries to substitute first
+    begun: float = field(default_factory=time.monotonic)
+    still: list[str] | None = None  # candidates still missing, once the host says so
+    listing: bool = False
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    substitute_seconds: float = 0.0
+    sent: int = 0
+    exporter: process.Reading | None = None
+
+    def line(self, text: str) -> None:
+        if self.ready.is_set():
+            return
+        if text == "missing:":
+            self.listing, self.still = True, []
+        elif text == "ready" and self.listing:
+            self.substitute_seconds = time.monotonic() - self.begun
+            self.ready.set()
+        elif self.listing and self.still is not None and text.startswith("/"):
+            self.still.append(text.strip())
+
+    def to_send(self) -> list[str]:
+        if not self.candidates:
+            return self.missing
+        still, tried = set(self.still or ()), set(self.candidates)
+        return [p for p in self.missing if p not in tried or p in still]
+
+    async def chunks(self, stack: contextlib.AsyncExitStack) -> AsyncIterator[bytes]:
+        if self.candidates:
+            yield _lines(self.candidates)
+            await self.ready.wait()  # the command ends first: this feed is cancelled
+        paths = self.to_send()
+        if not paths:
+            return
+        self.exporter = await stack.enter_async_context(
+            process.reading(["nix-store", "--export", *paths])
         )
+        stdout = self.exporter.stdout
+        while True:
+            block = await stdout.read(256 * 1024)
+            if not block:
+                return
+            self.sent += len(block)
+            yield block
 
-    if not missing:
-        return result(0, 0)
+
+async def _import_duplex(
+    host: DuplexHost,
+    missing: list[str],
+    candidates: list[str],
+    *,
+    budget: float,
+    timeout: float,
+    options: Sequence[str],
+) -> tuple[_Import, RemoteResult, tuple[int, str] | None]:
+    """Substitute, then import, in one command; (its state, its result, the exporter's
+    exit status and stderr, if one was started)."""
+    job = _Import(missing, candidates)
+    more = len(missing) - len(candidates)
+    argv = import_argv(candidates, more, budget=budget, options=options)
+    async with contextlib.AsyncExitStack() as stack:
+        done = await host.run_fed(argv, job.chunks(stack), timeout=timeout, on_line=job.line)
+        exporter = job.exporter
+        if exporter is None:
+            return job, done, None
+        if done.ok:  # the import took the whole stream: the exporter is ending
+            ended = await exporter.wait(timeout=EXPORT_GRACE)
+        else:  # the exporter may be blocked writing into a full pipe: never wait for it
+            ended = await exporter.kill()
+    return job, done, ended
+
+
+async def _import_plain(
+    host: Host, missing: list[str], *, timeout: float
+) -> tuple[int, RemoteResult, tuple[int, str]]:
+    """`nix-store --export` of `missing` streamed into the host's `nix-store --import`."""
     sent = 0
     async with process.reading(["nix-store", "--export", *missing]) as exporter:
         stdout = exporter.stdout
@@ -218,11 +299,19 @@ async def push_closure(
                 sent += len(block)
                 yield block
 
-        done = await host.run_fed(["nix-store", "--import"], chunks(), timeout=remaining())
-        if done.ok:  # the import took the whole stream: the exporter is ending
-            status, stderr = await exporter.wait(timeout=EXPORT_GRACE)
-        else:  # the exporter may be blocked writing into a full pipe: never wait for it
-            status, stderr = await exporter.kill()
+        done = await host.run_fed(["nix-store", "--import"], chunks(), timeout=timeout)
+        if done.ok:
+            ended = await exporter.wait(timeout=EXPORT_GRACE)
+        else:
+            ended = await exporter.kill()
+    return sent, done, ended
+
+
+def _check_import(
+    host: Host, done: RemoteResult, ended: tuple[int, str] | None, timeout: float
+) -> None:
+    """Raise PushError for an import that failed (the exporter's own failure first)."""
+    status, stderr = ended if ended is not None else (0, "")
     if status > 0:  # the exporter failed by itself: that is why the import failed, if it did
         raise PushError(
             f"nix-store --export failed with exit status {status}: {stderr.strip()[-300:]}"
@@ -233,4 +322,76 @@ async def push_closure(
         raise PushError(f"nix-store --import on {host.name}: {done.describe()}")
     if status != 0:
         raise PushError(f"nix-store --export did not end within {EXPORT_GRACE:g} s")
-    return result(len(missing), sent)
+
+
+async def push_closure(
+    host: Host,
+    root: str,
+    *,
+    substitute: bool = True,
+    timeout: float = 3600.0,
+    substitute_timeout: float = SUBSTITUTE_TIMEOUT,
+    closure: Sequence[str] | None = None,
+    missing: Sequence[str] | None = None,
+    substitute_options: Sequence[str] = SUBSTITUTE_OPTIONS,
+) -> PushResult:
+    """Push `root`'s closure (`closure`, if known already: its paths in export order);
+    `missing`: the paths the host lacks, if known already (the run's query)."""
+    start = time.monotonic()
+    deadline = start + timeout
+
+    def remaining() -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise PushError(f"push to {host.name} timed out after {timeout:g} s")
+        return left
+
+    paths = list(closure) if closure is not None else await nix.closure(root)
+    closure_bytes = await nix.closure_size(paths)
+    lacking = (
+        list(missing)
+        if missing is not None
+        else await missing_paths(host, paths, timeout=remaining())
+    )
+    candidates = await cacheable(lacking) if lacking and substitute else []
+
+    def result(sent: Sequence[str], sent_bytes: int, seconds: float = 0.0) -> PushResult:
+        return PushResult(
+            len(paths),
+            len(sent),
+            sent_bytes,
+            time.monotonic() - start,
+            closure_bytes,
+            seconds,
+            len(lacking) - len(sent),
+        )
+
+    if not lacking:
+        return result([], 0)
+    budget = min(substitute_timeout, remaining())
+    if duplex(host):
+        job, done, ended = await _import_duplex(
+            host,
+            lacking,
+            candidates,
+            budget=budget,
+            timeout=remaining(),
+            options=substitute_options,
+        )
+        _check_import(host, done, ended, timeout)
+        if not job.ready.is_set() and candidates:
+            raise PushError(f"nix-store --import on {host.name}: no answer about its substitution")
+        return result(job.to_send(), job.sent, job.substitute_seconds)
+    seconds = 0.0
+    if candidates:  # a command each: substitute, then ask again what is missing
+        seconds = await substitute_paths(
+            host, candidates, budget=budget, options=substitute_options
+        )
+        lacking_now = await missing_paths(host, lacking, timeout=remaining())
+    else:
+        lacking_now = lacking
+    if not lacking_now:
+        return result([], 0, seconds)
+    sent, done, ended = await _import_plain(host, lacking_now, timeout=remaining())
+    _check_import(host, done, ended, timeout)
+    return result(lacking_now, sent, seconds)

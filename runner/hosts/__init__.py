@@ -11,7 +11,9 @@ from __future__ import annotations
 import shlex
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeGuard
+
+from typing_extensions import override
 
 from runner.errors import WaggleError
 
@@ -86,3 +88,25 @@ class Host(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class DuplexHost(Host, Protocol):
+    """A host whose `run_fed` talks both ways at once (SshHost): its `chunks` may wait for
+    lines of the command's output (`on_line`), so one command can answer, then take more
+    input. Other hosts (LocalHost gathers the input first) get one command per question."""
+
+    @override
+    async def run_fed(
+        self,
+        argv: Sequence[str],
+        chunks: AsyncIterator[bytes],
+        *,
+        timeout: float | None = None,
+        privileged: bool = True,
+        on_line: LineCallback | None = None,
+    ) -> RemoteResult: ...
+
+
+def duplex(host: Host) -> TypeGuard[DuplexHost]:
+    """Whether `host` is a DuplexHost (it says so: a `duplex` attribute that is true)."""
+    return bool(getattr(host, "duplex", False))

@@ -1,4 +1,9 @@
 # shellcheck shell=sh
-# `sh -c "$(cat activation-detach.sh)" sh LOG ARGV...`: ARGV in a session of its own, stdin
-# /dev/null, output appended to LOG (the activation where systemd-run is not available).
-log=$1; shift; exec setsid -f "$@" </dev/null >>"$log" 2>&1
+# A part of the launch (activation-setup.sh): `detach LOG ARGV...` runs ARGV in a session of
+# its own, stdin /dev/null, output appended to LOG (the activation where systemd-run is not
+# available).
+detach() {
+  _log=$1
+  shift
+  setsid -f "$@" </dev/null >>"$_log" 2>&1
+}

@@ -1,8 +1,10 @@
 # shellcheck shell=sh
 # The holder of a run's host lock (runner/deploy/lock.py), on a channel of the run's SSH
-# connection: `sh -c "$(cat lock-lib.sh lock.sh)" sh RUN_ID DEPLOYER STARTED IDLE`.
-# Joins the lock (role `connection`) and prints `locked`, then holds it while its stdin
-# stays open and something arrives on it at least every IDLE seconds (Waggle's heartbeat).
+# connection: `sh -c "$(cat lock-lib.sh host-query.sh lock.sh)" sh RUN_ID DEPLOYER STARTED IDLE
+# [RECORD BYTES]`. Joins the lock (role `connection`) and prints `locked`; with BYTES, then
+# answers the query on the first BYTES bytes of stdin (`waggle_query RECORD BYTES`, see
+# host-query.sh: one command fewer per host). Then holds the lock while its stdin stays
+# open and something arrives on it at least every IDLE seconds (Waggle's heartbeat).
 # At EOF (Waggle is done, or the connection closed), after IDLE silent seconds (a
 # connection that died without closing) or on SIGHUP/SIGTERM it leaves the lock, exit 0.
 # Held by another run: `held <run id> <deployer> <started>` on stdout, exit 3. Cannot lock:
@@ -22,6 +24,7 @@ case $? in
 esac
 trap 'waggle_lock_leave; exit 0' HUP INT TERM PIPE
 echo locked
+[ -z "${6-}" ] || waggle_query "$5" "$6"
 if command -v timeout >/dev/null 2>&1; then
   # Each heartbeat is a few bytes; EOF reads nothing, silence makes timeout fail.
   while got=$(timeout "$idle" dd bs=64 count=1 2>/dev/null) && [ -n "$got" ]; do :; done
