@@ -17,6 +17,11 @@ config file means "no file of that kind", as in OpenSSH, never "trust any key";
 in sshOptions it is refused, as is any option holding a newline, CR or NUL.
 OpenSSH time values (`90s`, `1m`, `1h30m`) are accepted for ConnectTimeout and
 ServerAliveInterval, in sshOptions and in config files.
+
+A connection costs no parsing once one to the same host was made: what asyncssh read from
+ssh_config is kept per (host, port, user, config files as they are now: name, mtime, size,
+inode; the sshOptions snippet by content), the trusted keys per known_hosts files (same
+stamps), so a file that changes is read again (`clear_caches` forgets both).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import asyncssh
 from asyncssh.config import SSHClientConfig, SSHConfig
@@ -116,6 +121,31 @@ _OPTION = re.compile(r"\s*([A-Za-z][A-Za-z0-9]*)\s*(?:=\s*|\s+)(.*?)\s*\Z", re.D
 # User known-hosts files when ssh_config names none (OpenSSH's defaults).
 USER_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
 MAX_JUMPS = 8
+CACHE_ENTRIES = 512  # parsed configs and known_hosts sets kept (then all are forgotten)
+
+Stamp = tuple[int, int, int] | None  # (mtime_ns, size, inode) of a file; None: not there
+_PARSED: dict[tuple[object, ...], asyncssh.SSHClientConnectionOptions] = {}
+_KNOWN: dict[tuple[tuple[str, Stamp], ...], asyncssh.SSHKnownHosts] = {}
+
+
+def clear_caches() -> None:
+    """Forget every parsed ssh_config and known_hosts file (see the module doc)."""
+    _PARSED.clear()
+    _KNOWN.clear()
+
+
+def _stamp(path: str) -> Stamp:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _remember(cache: dict[Any, Any], key: object, value: object) -> None:
+    if len(cache) >= CACHE_ENTRIES:
+        cache.clear()
+    cache[key] = value
 
 
 class SshOptionError(HostError):
@@ -322,6 +352,7 @@ class SshHost:
     target: SshTarget
     settings: SshSettings = field(default_factory=SshSettings)
     name: str = ""
+    duplex: ClassVar[bool] = True  # run_fed's input may wait for its output (hosts.duplex)
     _conn: asyncssh.SSHClientConnection | None = None
     _jumps: list[asyncssh.SSHClientConnection] = field(default_factory=list)
     _snippet: str | None = None
@@ -380,12 +411,17 @@ class SshHost:
         return SshOptionError(f"node {self.target.node}: ssh settings: {text}")
 
     def _known_hosts(self, config: SSHConfig) -> asyncssh.SSHKnownHosts:
-        """The keys trusted for this connection, from real files only (see the module doc)."""
+        """The keys trusted for this connection, from real files only (see the module doc);
+        the same files, unchanged, give the same parsed set (no reading, no parsing)."""
         user = _file_names(config.get("UserKnownHostsFile"), USER_KNOWN_HOSTS)
         system = _file_names(config.get("GlobalKnownHostsFile"), self.settings.system_known_hosts)
+        paths = [_expand_path(n) for n in (*user, *system, *self.settings.known_hosts_files)]
+        key = tuple((path, _stamp(path)) for path in paths)
+        cached = _KNOWN.get(key)
+        if cached is not None:
+            return cached
         known = asyncssh.SSHKnownHosts()
-        for name in (*user, *system, *self.settings.known_hosts_files):
-            path = _expand_path(name)
+        for path in paths:
             try:
                 text = Path(path).read_text(encoding="utf-8", errors="replace")
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
@@ -394,13 +430,44 @@ class SshHost:
                 raise SshOptionError(
                     f"node {self.target.node}: known_hosts file {path}: {e.strerror or e}"
                 ) from e
+            if not text.strip():
+                continue
             try:
                 known.load(text)
             except ValueError as e:
                 raise SshOptionError(
                     f"node {self.target.node}: known_hosts file {path}: {e}"
                 ) from e
+        _remember(_KNOWN, key, known)
         return known
+
+    async def _parsed(
+        self, host: str, port: int | None, user: str | None, config: list[str]
+    ) -> asyncssh.SSHClientConnectionOptions:
+        """asyncssh's view of ssh_config for this host (its known-hosts files, ProxyJump,
+        IdentityFile, ...), parsed once per host and config files as they are now."""
+        files = tuple(
+            ("sshOptions", Path(name).read_text())
+            if name == self._snippet
+            else (name, _stamp(name))
+            for name in config
+        )
+        key = (host, port, user, files)
+        cached = _PARSED.get(key)
+        if cached is not None:
+            return cached
+        construct = asyncssh.SSHClientConnectionOptions.construct
+        try:
+            options: asyncssh.SSHClientConnectionOptions = await construct(
+                config=config,
+                host=host,
+                port=port if port is not None else (),
+                username=user if user is not None else (),
+            )
+        except ValueError as e:  # asyncssh's ConfigParseError and bad option values
+            raise self._option_error(e) from e
+        _remember(_PARSED, key, options)
+        return options
 
     async def _dial(
         self,
@@ -414,22 +481,16 @@ class SshHost:
         depth: int,
     ) -> asyncssh.SSHClientConnection:
         """One SSH connection with Waggle's known hosts; its ProxyJump hops opened first."""
-        try:
-            # The host's own view of ssh_config: its known-hosts files and ProxyJump.
-            options = await asyncssh.SSHClientConnectionOptions.construct(
-                config=config,
-                host=host,
-                port=port if port is not None else (),
-                username=user if user is not None else (),
-            )
-        except ValueError as e:  # asyncssh's ConfigParseError and bad option values
-            raise self._option_error(e) from e
+        # The host's own view of ssh_config: its known-hosts files and ProxyJump.
+        options = await self._parsed(host, port, user, config)
         known = self._known_hosts(options.config)
         jump = tunnel
         if jump is None and isinstance(options.tunnel, str):
             jump = await self._open_jumps(options.tunnel, depth)
         kwargs: dict[str, Any] = {
-            "config": config,
+            # ssh_config as parsed above; None: asyncssh reads no file again.
+            "options": options,
+            "config": None,
             # Explicit, so that no ssh_config line can turn host key checking off.
             "known_hosts": known,
             # Explicit too (None: none): asyncssh would open a ProxyJump itself.
