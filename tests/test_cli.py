@@ -247,11 +247,12 @@ def test_machines_file_builders_reach_nix(tmp_path):
 
 
 def test_abbreviated_flags_are_refused(tmp_path):
-    # argparse would take `--cache` as `--cache-dir` and `--paral` as `--parallel`: a later
-    # flag starting the same way would then change what existing CI command lines mean.
+    # argparse would take `--cache` as `--cache-dir` (plan) and `--paral` as `--parallel`:
+    # a later flag starting the same way would then change what existing CI command lines
+    # mean (as `--cache URL` did for apply).
     write_hive(tmp_path, SIMPLE)
     for args in (
-        ("apply", "switch", "--cache", "x"),
+        ("apply", "switch", "--cache-sub", "x"),
         ("apply", "switch", "--paral", "2"),
         ("plan", "--base", "HEAD", "--cache", "x"),
         ("--show-tr", "nodes"),

@@ -43,7 +43,7 @@ def test_settings_errors_name_the_flag(tmp_path):
         cache_settings(None, key_file="k")
     with pytest.raises(UsageError, match="--cache: "):
         cache_settings("file:///a b")
-    with pytest.raises(UsageError, match="--cache-key: .* is not a readable file"):
+    with pytest.raises(UsageError, match=r"--cache-key: .* is not a readable file"):
         cache_settings("file:///x", key_file=str(tmp_path / "missing"))
     with pytest.raises(UsageError, match="--cache-public-key: "):
         cache_settings("file:///x", public_key="not a key")
