@@ -72,8 +72,7 @@ def plan_markdown(plan: Plan) -> str:
         lines += ["| node | change | why | build |", "|---|---|---|---|"]
         for n in sorted(plan.nodes, key=lambda n: (not n.affected, n.name)):
             if n.build is None:
-                built = "failed to evaluate" if n.error else ("not built" if n.affected else "")
-                built = "on its host at deploy time" if n.build_on_target else built
+                built = _not_built(n)
             elif n.build.ok:
                 built = "ok"
             else:
@@ -128,6 +127,15 @@ def plan_markdown(plan: Plan) -> str:
 
 def _change_json(c: PackageChange) -> dict[str, str | None]:
     return {"name": c.name, "old": c.old, "new": c.new}
+
+
+def _not_built(n: NodeChange) -> str:
+    """The build column of a node the plan did not build."""
+    if n.error:
+        return "failed to evaluate"
+    if n.build_on_target:
+        return "on its host at deploy time"
+    return "not built" if n.affected else ""
 
 
 def plan_json(plan: Plan) -> dict[str, Any]:
