@@ -1,4 +1,4 @@
-"""Building evaluated nodes, overlapping with the evaluation of later chunks."""
+"""Building evaluated nodes, overlapping with the evaluation of later nodes."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ async def build_node(ev: NodeEval, flags: NixFlags, settings: BuildSettings) -> 
 class _Validity:
     """Which outputs are already valid in the local store, asked once per batch.
 
-    Nodes whose chunk finished together ask at the same moment; one
+    Nodes that finished at about the same moment ask together; one
     `nix-store --check-validity` answers them all, and their builds are skipped.
     Any doubt (Nix failing) counts as "not valid": the build then runs as usual.
     """
@@ -120,7 +120,7 @@ async def evaluate_and_build(
     events: Sink | None = None,
     evaluated: EvalRun | None = None,
 ) -> BuildRun:
-    """Evaluate `names` in chunks; build each node as soon as its chunk is done.
+    """Evaluate `names` (streaming workers); build each node as soon as it is evaluated.
 
     Nodes in `build_elsewhere` (buildOnTarget) are evaluated only. `then`
     continues each node that got this far without failing (push, activate).
@@ -177,9 +177,9 @@ async def evaluate_and_build(
     def on_result(ev: NodeEval) -> None:
         tasks.append(asyncio.create_task(build_one(ev)))
 
-    def on_start(chunk: Sequence[str]) -> None:
-        for name in chunk:
-            emit.start(name, Stage.EVAL, f"evaluating ({len(chunk)} in this evaluator)")
+    def on_start(started: Sequence[str]) -> None:
+        for name in started:  # its evaluator has begun on it
+            emit.start(name, Stage.EVAL, "evaluating")
 
     try:
         run = await _evaluate_rest(hive, names, eval_settings, evaluated, on_result, on_start)

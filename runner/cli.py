@@ -98,14 +98,14 @@ def _selection_options(p: argparse.ArgumentParser) -> None:
 
 def _eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-node-limit", default="auto", metavar="auto|N|0",
-                   help="nodes per evaluator process: auto (measured), N, or 0 for all in one")  # fmt: skip
+                   help="nodes per evaluator process: auto (restarted on memory and cost), at most N, 0: no limit")  # fmt: skip
     p.add_argument("--eval-memory", metavar="SIZE",
                    help="memory budget for evaluation, e.g. 8G (default: available memory, "
                    "capped by the cgroup limit, minus 1 GiB)")  # fmt: skip
     p.add_argument("--eval-jobs", type=int, default=0, metavar="N",
-                   help="evaluator processes at once (default: one per core, within the budget)")  # fmt: skip
+                   help="evaluation workers, one evaluator each (default: one per core, within the budget)")  # fmt: skip
     p.add_argument("--eval-timeout", type=float, default=1800.0, metavar="SECONDS",
-                   help="timeout of one evaluator process (default 1800)")  # fmt: skip
+                   help="seconds a node's evaluation may go without progress (default 1800)")  # fmt: skip
 
 
 def _build_options(p: argparse.ArgumentParser) -> None:
@@ -308,7 +308,7 @@ def _inspect_commands(add: Adder) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="waggle", epilog=EPILOG,
                      description="Deploy NixOS fleets from CI: Colmena-compatible hives, "
-                     "evaluated in RAM-sized chunks.",
+                     "evaluated by workers within a memory budget.",
                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("-V", "--version", action="version", version=f"waggle {__version__}")
     _global_options(parser)

@@ -6,6 +6,7 @@ Every function takes `NixFlags` (the user's --show-trace, --impure,
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Sequence
@@ -92,15 +93,20 @@ async def eval_json(
     on_stderr_line: StderrCallback | None = None,
     sample_memory: bool = False,
     check: bool = True,
+    stop: asyncio.Event | None = None,
 ) -> EvalOutput:
-    """`nix-instantiate --eval --strict --json -E expr`."""
+    """`nix-instantiate --eval --strict --json -E expr` (killed when `stop` is set)."""
     argv = ["nix-instantiate", "--eval", "--strict", "--json", "--no-gc-warning"]
     if read_write:
         argv.append("--read-write-mode")
     argv += flags.eval_args(flake=flake)
     argv += ["-E", expr]
     done = await process.run(
-        argv, timeout=timeout, on_stderr_line=on_stderr_line, sample_memory=sample_memory
+        argv,
+        timeout=timeout,
+        on_stderr_line=on_stderr_line,
+        sample_memory=sample_memory,
+        stop=stop,
     )
     if not done.ok:
         if not check:

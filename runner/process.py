@@ -195,6 +195,9 @@ async def run(
             await asyncio.wait_for(proc.wait(), 5)
     except BaseException:
         _kill_group(proc)
+        # Reaped while the loop runs (bounded): a transport left behind warns at exit.
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(asyncio.shield(proc.wait()), REAP_TIMEOUT)
         raise
     finally:
         if sampler_task is not None:

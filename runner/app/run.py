@@ -17,7 +17,7 @@ from runner.app.requests import ApplyRequest, HiveRef, Reports, View
 from runner.build import BuildSettings, evaluate_and_build
 from runner.deploy.pipeline import deploy, goal_stages
 from runner.errors import EXIT_NODES_FAILED, HiveError, UsageError, WaggleError
-from runner.evaluate import EvalRun
+from runner.evaluate import COST, MEMORY, EvalRun
 from runner.events import Recorder, Sink
 from runner.gitinfo import head_commit
 from runner.gitops.builders import missing_machines_file
@@ -110,11 +110,16 @@ def gc_root_dir(hive: Hive, keep_result: bool) -> Path | None:
 
 
 def log_evaluation(run: EvalRun) -> None:
-    sizes = [len(c.names) for c in run.chunks]
+    queues = [p for p in run.processes if not p.alone]
+    whys = [p.why for p in run.restarts]
     log.info(
-        "evaluation: %d process(es), chunk sizes %s, peak %.0f MiB of a %.1f GiB budget",
-        len(sizes),
-        sizes,
+        "evaluation: %d process(es) (%d restarted for memory, %d for cost, %d alone),"
+        " nodes per process %s, peak %.0f MiB of a %.1f GiB budget",
+        len(run.processes),
+        whys.count(MEMORY),
+        whys.count(COST),
+        len(run.processes) - len(queues),
+        [len(p.names) for p in queues],
         run.peak_rss_total / 2**20,
         run.budget.budget / 2**30,
     )

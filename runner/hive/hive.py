@@ -1,5 +1,5 @@
 """The hive as Waggle queries it: node names, meta, deployment settings,
-per-chunk evaluation expressions and introspection.
+per-queue evaluation expressions and introspection.
 
 All Nix expressions are built here, from the package's own Nix files
 (`runner/hive/nix`), and run through `runner.nix`.
@@ -92,8 +92,9 @@ class Hive:
     def expr(self, query: str) -> str:
         return f"({self._query_prefix()}).{query}"
 
-    def chunk_expr(self, names: Sequence[str]) -> str:
-        return self.expr(f"evalChunk {nix_json(list(names))}")
+    def queue_expr(self, names: Sequence[str]) -> str:
+        """Evaluate `names` one after another, a trace line per finished node."""
+        return self.expr(f"evalQueue {nix_json(list(names))}")
 
     def one_expr(self, name: str) -> str:
         return self.expr(f"evalOne {nix_string(name)}")

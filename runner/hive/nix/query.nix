@@ -16,10 +16,9 @@ assert hive.__schema or null == "v0.5"
 
   deployment = names: hive.deploymentConfigSelected names;
 
-  # Evaluates each named node's toplevel. A node whose evaluation throws is
-  # reported as { error = true; } (Waggle re-evaluates it alone for its
-  # message); other errors end the process and Waggle bisects the chunk. A
-  # trace line marks each finished node so Waggle can time nodes as they go.
+  # Each named node's toplevel as one attribute set ({ error = true; } where
+  # tryEval caught a throw). Waggle's evaluator uses evalQueue below; this is
+  # kept for bench/deploy.py.
   evalChunk = names:
     let selected = hive.evalSelected names; in
     listToAttrs (map (name:
@@ -30,6 +29,22 @@ assert hive.__schema or null == "v0.5"
         inherit name;
         value = seq r.success (trace "waggle-node-done ${name}" (if r.success then r.value else { error = true; }));
       }) names);
+
+  # Evaluates the named nodes one after another, in the list's order (a list
+  # is forced element by element; an attribute set would go by name). After
+  # each node a trace line `waggle-node-done {"name":..,"drv":..,"out":..}`
+  # (or "error":true when tryEval caught a throw) carries its result, so
+  # Waggle has it the moment it is done and loses nothing if it stops the
+  # process there. Errors tryEval cannot catch end the process: Waggle names
+  # the first node without a line as the broken one.
+  evalQueue = names:
+    let selected = hive.evalSelected names; in
+    map (name:
+      let
+        t = selected.${name};
+        r = tryEval (seq t.drvPath { drv = t.drvPath; out = t.outPath; });
+        done = builtins.toJSON ({ inherit name; } // (if r.success then r.value else { error = true; }));
+      in trace "waggle-node-done ${done}" null) names;
 
   # Without tryEval, so the node's own error message reaches its report.
   # (Keys are not named outPath: a set with outPath prints as a string in JSON.)
