@@ -534,9 +534,16 @@ async def _evaluate_sides(
         if inputs.head_hive is None:
             on_target = await _built_on_target(head_hive, _to_build(head_side, base_side))
     sides = _Sides(
-        head_side, base_side, cached, 1, tuple(notes), None, head_run, inputs.flags.machines_file
+        head_side,
+        base_side,
+        cached,
+        evaluations=1,
+        notes=tuple(notes),
+        all_affected_reason=None,
+        head_run=head_run,
+        machines_file=inputs.flags.machines_file,
+        on_target=on_target,
     )
-    sides = replace(sides, on_target=on_target)
     if base_commit is None:
         return sides
     if base_side is None:
