@@ -169,3 +169,42 @@ def test_changed_since_evaluates_a_flake_head_once(tmp_path, counted):
     assert "once2: deploying" not in done.stderr and "1 node(s) unchanged" in done.stderr
     evaluations = head_evaluations(counted)
     assert evaluations == Counter(once1=1, once2=1), node_evaluations(counted)
+
+
+def test_ci_pull_request_dry_activation_reuses_the_plans_evaluation(fleet, tmp_path, counted):
+    # With dry_activate_on_pr the pull request's plan is followed by a dry activation of
+    # the affected hosts: it builds nothing new and evaluates nothing again.
+    repo = tmp_path / "repo"
+    repo_with_hive(repo, "pr-one")
+    ssh = ["--ssh-config", str(fleet.ssh_config)]
+    assert waggle("apply", *ssh, cwd=repo).returncode == 0
+    before = rev(repo)
+    (repo / "once2.nix").write_text('{ environment.etc.v.text = "once2 pr-two"; }\n')
+    git(repo, "commit", "-qam", "two")
+    after = rev(repo)
+    counted.write_text("")
+    pr = {
+        "pull_request": {
+            "number": 9,
+            "base": {"sha": before, "ref": "main", "repo": {"full_name": "acme/fleet"}},
+            "head": {"sha": after, "repo": {"full_name": "acme/fleet"}},
+        },
+        "repository": {"full_name": "acme/fleet", "default_branch": "main"},
+    }
+    dry_cfg = tmp_path / "dry.yaml"
+    dry_cfg.write_text("dry_activate_on_pr: true\n")
+    env = github_env(tmp_path, "pull_request", pr, after, "9/merge") | {"PATH": os.environ["PATH"]}
+    done = subprocess.run(
+        [sys.executable, "-m", "runner", "ci", "--ci-config", str(dry_cfg), *ssh],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = fleet["once2"].path("/run/standin/activations.log")
+    assert log.read_text().splitlines()[-1].startswith("dry-activate ")
+    assert fleet["once2"].resolve("/etc/v").read_text() == "once2 pr-one"
+    assert head_evaluations(counted) == ONCE, node_evaluations(counted)

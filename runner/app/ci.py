@@ -239,7 +239,7 @@ async def _plan(
     planned = [n for n in result.nodes if n.dry_activate_planned]
     if planned:
         # Show on the hosts what activation would change; nothing is switched.
-        dry = await dry_activate_pr(request, planned, result.machines_file)
+        dry = await dry_activate_pr(request, planned, result)
         printer.run(dry)
         failed += ci.failed_nodes(dry)
         ok, runs = dry.ok, (dry,)
@@ -266,15 +266,17 @@ def _comment(
 
 
 async def dry_activate_pr(
-    request: ApplyRequest, planned: Sequence[NodeChange], machines_file: str | None = None
+    request: ApplyRequest, planned: Sequence[NodeChange], of_plan: Plan | None = None
 ) -> RunSummary:
-    """Dry-activate a pull request's planned nodes: the PR's systems (built from the
-    checked-out tree), each host reached only with the base's connection settings, no
-    keys, no build on a target, no remote builders from the PR's meta (`machines_file`
-    is the plan's: the base commit's); nothing switched."""
+    """Dry-activate a pull request's planned nodes: the PR's systems (as the plan
+    evaluated and built them: not evaluated again), each host reached only with the base's
+    connection settings, no keys, no build on a target, no remote builders from the PR's
+    meta (the plan's are the base commit's); nothing switched."""
     started_at, start = time.time(), time.monotonic()
     hive = await open_hive(request.hive)
+    machines_file = of_plan.machines_file if of_plan is not None else None
     hive = hive.with_flags(replace(hive.flags, machines_file=machines_file))
+    evaluated = of_plan.head_evaluation if of_plan is not None else None
     names = [n.name for n in planned]
     configs = {n.name: trust.dry_activation_config(n) for n in planned}
     settings: DeploySettings = replace(
@@ -287,7 +289,16 @@ async def dry_activate_pr(
         base_dir=hive.source.directory,
     )
     with progress(request.view, names, plain=True) as out:
-        run = await deploy(hive, configs, names, request.eval, request.build, settings, events=out)
+        run = await deploy(
+            hive,
+            configs,
+            names,
+            request.eval,
+            request.build,
+            settings,
+            events=out,
+            evaluated=evaluated,
+        )
         if run.build is not None:
             log_evaluation(run.build.evaluation)
     return RunSummary(

@@ -193,7 +193,7 @@ class Plan:
     ignore: tuple[str, ...] = field(default=DEFAULT_IGNORE)
     dry_activation: DryActivationPolicy | None = None  # pull requests in `waggle ci` only
     machines_file: str | None = None  # meta.machinesFile the plan evaluated and builds with
-    # compute_plan(head_hive=...): the head evaluation itself, for the run's build step
+    # the head evaluation itself (with head_hive: the run's own), for a build step after it
     head_evaluation: EvalRun | None = field(default=None, compare=False, repr=False)
 
     @property
