@@ -21,32 +21,36 @@ Recycling. After each finished node, Waggle decides whether the process goes
 on or is stopped and a fresh one started on the rest of the queue:
   (a) memory: its tree's RSS (sampled at the trace line) plus what the last
       node added would pass its share of the budget;
-  (b) cost (`--eval-node-limit auto` only): the last node took longer than a
-      fresh process's start-up plus first node, as measured in this run (the
-      median time from spawn to the first finished node). A node's cost grows
-      with the evaluator's heap (the garbage collector walks all of it), so
-      once a node costs more than a fresh start, a fresh process is cheaper
-      from then on;
+  (b) cost (`--eval-node-limit auto` only): its last two nodes (not counting
+      its first, which holds the start-up) took longer on average than a fresh
+      process's start-up plus first node, as measured in this run (the median
+      time from spawn to the first finished node). A node's cost grows with
+      the evaluator's heap (the garbage collector walks all of it), so once
+      nodes cost more than a fresh start, a fresh process is cheaper from then
+      on. Two nodes, not one: a single node that happened to hold a garbage
+      collection would restart workers whose nodes cost about a fresh start;
   (c) `--eval-node-limit N`: after N nodes.
-This is the ski-rental rule: a restart (cost R) is paid only after a node has
-cost more than R, so the restarts together cost less than the nodes that
-caused them, and the run is never much worse than about 2x the best fixed
-setting: against a setting that restarts earlier, what we lose is at most the
-one node per restart that cost more than R; against one that restarts later
-or never, each of its nodes past that point costs it more than R, which we pay
-once. In practice it is close to the best: where start-up dominates (nodes
-share large files parsed once per process), no node costs as much as a fresh
-start and each worker keeps one process for its whole queue; where the heap
-dominates, the worker restarts just when the growth passes a fresh start.
+This is the ski-rental rule: a restart (cost R) is paid only after two nodes
+have cost more than 2R together, so the restarts together cost less than the
+nodes that caused them, and the run is never much worse than about 2x the
+best fixed setting: against a setting that restarts earlier, what we lose is
+bounded by the two nodes per restart that cost more than R each; against one
+that restarts later or never, each of its nodes past that point costs it more
+than R, which we pay once. In practice it is close to the best: where
+start-up dominates (nodes share large files parsed once per process), no node
+costs as much as a fresh start and each worker keeps one process for its whole
+queue; where the heap dominates, the worker restarts soon after the growth
+passes a fresh start.
 
 Work stealing. A worker whose queue is empty first takes over the queue of a
 worker that has not started, else takes the tail of the longest remaining
 queue of a running worker (never the node it is on), as many nodes as make
-both finish soonest: k nodes when max((r - k) * c_victim, fresh + (k - 1) *
-c_node) is least and less than r * c_victim (r: the victim's remaining nodes,
-c: measured seconds per node, fresh: a fresh start and first node). The
-victim's process is stopped when it reaches the stolen part; a node reported
-twice keeps its first result.
+both finish soonest: k nodes when max((r - k) * c, fresh + (k - 1) * c) is
+least and less than r * c (r: the victim's remaining nodes; c: its last
+node's seconds, else a typical node's, and at least what its current node has
+taken so far; fresh: a fresh start and first node, at least c). The victim's
+process is stopped when it reaches the stolen part; a node reported twice
+keeps its first result.
 
 Broken nodes fail alone: a node tryEval caught is re-evaluated alone (evalOne,
 no tryEval) for its own message. A process that dies (an error tryEval does
@@ -382,6 +386,7 @@ class _Worker:
     ended: bool = False
     alone: list[str] = field(default_factory=list)  # to evaluate alone for their message
     last_node: float | None = None  # seconds of its last node after a process's first
+    proc: _Proc | None = None  # its queue process while one runs
     processes: int = 0
 
 
@@ -499,10 +504,15 @@ class Evaluator:
             return False
         victim = max(victims, key=lambda w: len(w.queue))
         fresh = self.costs.fresh_cost()
-        typical = self.costs.node_cost()
-        victim_node = victim.last_node or typical or fresh or 1.0
-        fresh = fresh if fresh is not None else victim_node
-        thief_node = fresh if self.settings.node_limit == 1 else (typical or victim_node)
+        # The victim's nodes cost what its last did (else a typical node), and at least as
+        # long as the one it is on has taken so far; the thief's will cost the same (its
+        # queue's neighbours), and its first no less than a fresh start.
+        current = victim.proc
+        elapsed = time.monotonic() - current.last_at if current is not None else 0.0
+        estimate = victim.last_node or self.costs.node_cost() or fresh or 1.0
+        victim_node = max(estimate, elapsed)
+        fresh = max(fresh if fresh is not None else victim_node, victim_node)
+        thief_node = fresh if self.settings.node_limit == 1 else victim_node
         remaining = len(victim.queue) - 1
         count = steal_count(remaining, victim_node, fresh, thief_node)
         if count == 0:
@@ -572,6 +582,7 @@ class Evaluator:
         )
         self._announce(plan[0])
         watchdog = asyncio.create_task(self._watch(proc))
+        worker.proc = proc
         try:
             out = await nix.eval_json(
                 self.hive.queue_expr(plan),
@@ -585,6 +596,7 @@ class Evaluator:
             )
         finally:
             watchdog.cancel()
+            worker.proc = None
             self._rss.pop(id(proc), None)
         self._ended(worker, proc, out.completed)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from pathlib import Path
 
@@ -282,12 +283,18 @@ in
 """
 
 
-def test_heap_heavy_workers_are_recycled_on_memory(tmp_path):
+def test_heap_heavy_workers_are_recycled_on_memory(tmp_path, caplog):
     # Each heavy node adds ~100 MiB to its evaluator: with 400M one evaluator cannot hold
     # many, so it is stopped after a node (never in the middle) and a fresh one goes on.
     hive = open_hive(write_hive(tmp_path, HEAVY.replace("@COUNT@", "6")))
     names = asyncio.run(hive.node_names())
-    run = asyncio.run(evaluate(hive, names, EvalSettings(memory=400 * MiB, jobs=1)))
+    with caplog.at_level(logging.INFO, logger="waggle"):
+        run = asyncio.run(evaluate(hive, names, EvalSettings(memory=400 * MiB, jobs=1)))
+    # -v says when each worker starts, each node, and each restart with its reason.
+    logged = caplog.messages
+    assert "evaluation: worker 1 starts on 6 node(s) (node-1 .. node-6)" in logged
+    assert any(m.startswith("evaluation: worker 1: node-1 done in ") for m in logged)
+    assert any("evaluator stopped after" in m and "(memory)" in m for m in logged), logged
     assert not run.failed
     procs = queue_procs(run)
     assert [p.why for p in procs if p.why == MEMORY], [(p.names, p.why) for p in procs]
@@ -433,3 +440,36 @@ def test_builds_start_while_later_nodes_evaluate(tmp_path):
     assert build.started_at + build.seconds < run.evaluation.finished_at
     last = next(r for r in run.nodes if r.name == "node-6")
     assert build.started_at + build.seconds < last.stages[0].started_at + last.stages[0].seconds
+
+
+UNEVEN = """
+let
+  pkgs = import @NIXPKGS@ { };
+  work = n: toString (builtins.foldl' builtins.add 0 (builtins.genList (x: x) n));
+  node = i: {
+    name = "node-${toString i}";
+    value = { name, ... }: {
+      networking.hostName = name;
+      environment.etc."id".text = "node ${toString i} ${work (if i <= 4 then 1500000 else 10)}\\n";
+    };
+  };
+in
+{ meta.nixpkgs = pkgs; } // builtins.listToAttrs (map node (builtins.genList (i: i + 1) 8))
+"""
+
+
+def test_an_idle_worker_steals_the_tail_of_a_slow_queue(tmp_path):
+    # Worker 1 gets the four dear nodes, worker 2 the four cheap ones. Worker 2 is done while
+    # worker 1 is still on its first node (its cost is at least the time it has taken so
+    # far): worker 2 takes the tail; worker 1's evaluator stops when it reaches it.
+    hive = open_hive(write_hive(tmp_path, UNEVEN))
+    names = asyncio.run(hive.node_names())
+    seen: list[str] = []
+    run = asyncio.run(evaluate(hive, names, EvalSettings(jobs=2), lambda ev: seen.append(ev.name)))
+    assert not run.failed
+    assert sorted(seen) == sorted(names)  # each once
+    by_worker = {w: [n for p in run.processes if p.worker == w for n in p.names] for w in (1, 2)}
+    assert "node-4" in by_worker[2], by_worker
+    assert any(p.worker == 1 and p.why == "stolen" for p in run.processes), [
+        (p.worker, p.names, p.why) for p in run.processes
+    ]
