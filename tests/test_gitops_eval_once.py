@@ -208,3 +208,21 @@ def test_ci_pull_request_dry_activation_reuses_the_plans_evaluation(fleet, tmp_p
     assert log.read_text().splitlines()[-1].startswith("dry-activate ")
     assert fleet["once2"].resolve("/etc/v").read_text() == "once2 pr-one"
     assert head_evaluations(counted) == ONCE, node_evaluations(counted)
+
+
+def test_drift_check_evaluation_is_reused_when_only_ignored_paths_changed(fleet, tmp_path, counted):
+    # Only README.md changed: the plan evaluates nothing, the drift check evaluates head,
+    # and the drifted host is deployed from that evaluation.
+    repo = tmp_path / "repo"
+    repo_with_hive(repo, "docs-one")
+    ssh = ["--ssh-config", str(fleet.ssh_config)]
+    assert waggle("apply", *ssh, cwd=repo).returncode == 0
+    (repo / "README.md").write_text("docs\n")
+    git(repo, "add", "README.md")
+    git(repo, "commit", "-qm", "docs")
+    fleet.run("once1", "ln -sfn /nix/var/nix/profiles /run/current-system")  # drift
+    counted.write_text("")
+    done = waggle("apply", "--changed-since", "HEAD~1", *ssh, "-v", cwd=repo)
+    assert done.returncode == 0, done.stderr
+    assert outcome(done) == {"once1": "ok", "once2": "unchanged", "once3": "unchanged"}
+    assert head_evaluations(counted) == ONCE, node_evaluations(counted)
