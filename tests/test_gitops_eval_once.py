@@ -13,8 +13,6 @@ import os
 import platform
 import re
 import shutil
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +22,7 @@ import pytest
 from tests.conftest import STANDIN, needs_fleet, write_hive
 from tests.fleet import Fleet, free_first_octet
 from tests.helpers import waggle
-from tests.test_gitops_apply import git, github_env, outcome, rev
+from tests.test_gitops_apply import git, github_env, outcome, rev, run_ci
 
 pytestmark = needs_fleet()
 
@@ -131,15 +129,7 @@ def test_ci_push_evaluates_head_once_with_drift(fleet, tmp_path, counted):
     counted.write_text("")
     repo_json = {"full_name": "acme/fleet", "default_branch": "main"}
     push = {"before": before, "after": after, "repository": repo_json}
-    done = subprocess.run(
-        [sys.executable, "-m", "runner", "ci", *ssh],
-        cwd=repo,
-        env=github_env(tmp_path, "push", push, after, "main") | {"PATH": os.environ["PATH"]},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = run_ci(repo, github_env(tmp_path, "push", push, after, "main"), *ssh)
     assert done.returncode == 0, done.stdout + done.stderr
     assert outcome(done) == {"once1": "ok", "once2": "unchanged", "once3": "ok"}
     assert fleet["once1"].resolve("/etc/v").read_text() == "once1 ci-two"
@@ -193,16 +183,8 @@ def test_ci_pull_request_dry_activation_reuses_the_plans_evaluation(fleet, tmp_p
     }
     dry_cfg = tmp_path / "dry.yaml"
     dry_cfg.write_text("dry_activate_on_pr: true\n")
-    env = github_env(tmp_path, "pull_request", pr, after, "9/merge") | {"PATH": os.environ["PATH"]}
-    done = subprocess.run(
-        [sys.executable, "-m", "runner", "ci", "--ci-config", str(dry_cfg), *ssh],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    env = github_env(tmp_path, "pull_request", pr, after, "9/merge")  # PATH: the wrapper's
+    done = run_ci(repo, env, "--ci-config", str(dry_cfg), *ssh)
     assert done.returncode == 0, done.stdout + done.stderr
     log = fleet["once2"].path("/run/standin/activations.log")
     assert log.read_text().splitlines()[-1].startswith("dry-activate ")
