@@ -208,3 +208,26 @@ def test_drift_check_evaluation_is_reused_when_only_ignored_paths_changed(fleet,
     assert done.returncode == 0, done.stderr
     assert outcome(done) == {"once1": "ok", "once2": "unchanged", "once3": "unchanged"}
     assert head_evaluations(counted) == ONCE, node_evaluations(counted)
+
+
+@pytest.mark.parametrize("command", ["apply", "plan"])
+def test_a_shard_evaluates_only_its_nodes_on_both_sides(tmp_path, counted, command):
+    # A sharded plan (and a sharded --changed-since run) evaluates its share at head and at
+    # base, not every node: N shards divide the evaluation, as they divide the deploys.
+    from runner.shard import ShardSpec, shard_nodes
+
+    hive = repo_with_hive(tmp_path / "repo", "one")
+    for n in NAMES:
+        (hive.parent / f"{n}.nix").write_text(f'{{ environment.etc.v.text = "{n} two"; }}\n')
+    git(hive.parent, "commit", "-qam", "two")
+    spec = next(ShardSpec(k, 2) for k in (1, 2) if len(shard_nodes(NAMES, ShardSpec(k, 2))) == 1)
+    mine = shard_nodes(NAMES, spec)
+    args = ("apply", "build", "--changed-since", "HEAD~1") if command == "apply" else ("plan",
+            "--base", "HEAD~1", "--no-build")  # fmt: skip
+    done = waggle(*args, "--shard", str(spec), cwd=hive.parent)
+    assert done.returncode == 0, done.stderr
+    evaluated = Counter(
+        n for expr in node_evaluations(counted) for n in NAMES if re.search(rf'\\?"{n}\\?"', expr)
+    )
+    assert set(evaluated) == set(mine), node_evaluations(counted)
+    assert evaluated == Counter(dict.fromkeys(mine, 2)), evaluated  # head and base, once each

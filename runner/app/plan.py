@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 from runner.app.requests import PlanRequest, Reports
@@ -16,7 +15,6 @@ from runner.hive.discovery import locate
 from runner.hive.selection import parse_on
 from runner.report import markdown
 from runner.report.plan import plan_json, plan_junit, plan_markdown
-from runner.shard import RULE, ShardSpec, shard_nodes
 
 
 async def plan(request: PlanRequest, *, builders_from: Side = "head") -> Plan:
@@ -36,23 +34,12 @@ async def plan(request: PlanRequest, *, builders_from: Side = "head") -> Plan:
         eval_settings=request.eval,
         host_access=request.host_access,
         builders_from=builders_from,
+        shard=request.shard,
     )
-    if request.shard is not None:
-        computed = shard_plan(computed, request.shard)
     settings = PlanBuildSettings(
         jobs=max(1, request.build_jobs), timeout=request.build_timeout, build=request.build
     )
     return await build_and_diff(computed, request.hive.flags, settings)
-
-
-def shard_plan(computed: Plan, shard: ShardSpec) -> Plan:
-    """`--shard`: this share of the plan's nodes (all nodes at head and base, cut by the
-    `runner.shard` rule), so only they are built; a note says so. Evaluation was whole."""
-    names = [n.name for n in computed.nodes]
-    mine = set(shard_nodes(names, shard))
-    note = f"shard {shard} ({RULE}): {len(mine)} of {len(names)} nodes; other shards plan the rest"
-    nodes = tuple(n for n in computed.nodes if n.name in mine)
-    return replace(computed, nodes=nodes, notes=(*computed.notes, note))
 
 
 def write_plan_reports(plan: Plan, reports: Reports) -> str:

@@ -158,6 +158,7 @@ async def _changed(
         ssh=request.deploy.ssh,
         parallel=request.deploy.parallel,
         drift=request.goal.activates and change.drift,
+        shard=selection.shard,
     )
     for node, why in found.deploy.items():
         log.info("%s: deploying (%s)", node, why)

@@ -27,6 +27,7 @@ from runner.hive.selection import Selector
 from runner.hosts.ssh import SshSettings
 from runner.nix import NixFlags
 from runner.results import NodeResult, Stage, StageResult, Status
+from runner.shard import ShardSpec
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ async def select_changed(
     parallel: int,
     drift: bool = True,
     head: str | None = None,
+    shard: ShardSpec | None = None,
 ) -> ChangeSelection:
     plan = await compute_plan(
         hive_path,
@@ -77,6 +79,7 @@ async def select_changed(
         flags=flags,
         eval_settings=eval_settings,
         head_hive=hive if head is None else None,
+        shard=shard,
     )
     evaluated = plan.head_evaluation
     selected = set(names)

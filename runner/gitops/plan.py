@@ -55,6 +55,8 @@ from runner.hive.hive import Hive
 from runner.hive.selection import Selector
 from runner.nix import NixFlags
 from runner.results import NodeResult
+from runner.shard import RULE as SHARD_RULE
+from runner.shard import ShardSpec, shard_nodes
 
 DEFAULT_IGNORE: tuple[str, ...] = ("**/*.md", "docs/**", ".github/**")
 
@@ -322,15 +324,36 @@ class _Inputs:
     host_access: bool
     head_hive: Hive | None = None  # evaluate head with this hive, not a checkout
     builders_from: Side = "head"  # whose meta.machinesFile (without --builders)
+    shard: ShardSpec | None = None  # --shard: only this share of the nodes is evaluated
+    head_chosen: frozenset[str] | None = None  # with a shard, once head is evaluated: what
+    head_mine: frozenset[str] = frozenset()  # the selection chose at head, and the shard's
 
 
-async def _evaluate_side(hive: Hive, inputs: _Inputs) -> tuple[SideEval, EvalRun | None]:
+def _sharded(chosen: list[str], inputs: _Inputs) -> list[str]:
+    """With --shard, the share of `chosen` this plan evaluates. At head: the shard rule over
+    head's selection (as `apply --shard` selects). At base: the same nodes, and of the
+    nodes only base has (removed ones) those the rule puts in this shard over base's
+    selection; so every node is in exactly one shard's plan."""
+    if inputs.shard is None:
+        return chosen
+    if inputs.head_chosen is None:
+        return shard_nodes(chosen, inputs.shard)
+    only_base = set(shard_nodes(chosen, inputs.shard)) - inputs.head_chosen
+    return [n for n in chosen if n in inputs.head_mine or n in only_base]
+
+
+async def _selected(hive: Hive, inputs: _Inputs) -> list[str]:
+    """The nodes of `hive` the selection (--on) chooses."""
     names = await hive.node_names()
     selector = inputs.selector
     tags: dict[str, tuple[str, ...]] = {}
     if selector is not None and selector.needs_tags:
         tags = {n: c.tags for n, c in (await hive.deployment(names)).items()}
-    chosen = list(names) if selector is None else selector.matching(names, tags)
+    return list(names) if selector is None else selector.matching(names, tags)
+
+
+async def _evaluate_side(hive: Hive, inputs: _Inputs) -> tuple[SideEval, EvalRun | None]:
+    chosen = _sharded(await _selected(hive, inputs), inputs)
     if not chosen:
         return SideEval((), {}), None
     run = await evaluate(hive, chosen, inputs.settings)
@@ -378,6 +401,7 @@ async def compute_plan(
     host_access: bool = False,
     head_hive: Hive | None = None,
     builders_from: Side = "head",
+    shard: ShardSpec | None = None,
 ) -> Plan:
     """Work out what the change base..head does to the selected nodes (no builds).
 
@@ -393,7 +417,8 @@ async def compute_plan(
     head commit; the plan keeps that evaluation (`Plan.head_evaluation`) so the run builds
     and deploys from it without evaluating again. Otherwise remote builders come from
     `flags.builders` or the `builders_from` side's meta.machinesFile (runner.gitops.builders)
-    and `NodeChange.build_on_target` is read for the nodes a plan would build.
+    and `NodeChange.build_on_target` is read for the nodes a plan would build. With
+    `shard`, only that share of the nodes is evaluated on either side (`_sharded`).
     """
     started = time.monotonic()
     repo = await asyncio.to_thread(hive_repository, hive_path)
@@ -424,6 +449,7 @@ async def compute_plan(
         host_access,
         head_hive,
         builders_from,
+        shard,
     )
     sides = await _evaluate_sides(inputs, head_commit, base_commit)
     if selector is not None and not sides.head.names and not (sides.base and sides.base.names):
@@ -526,6 +552,13 @@ async def _evaluate_sides(
             head_hive = head_hive.with_flags(inputs.flags)
         head_side, head_run = await _evaluate_side(head_hive, inputs)
         notes = [builders_note] if builders_note else []
+        if inputs.shard is not None:
+            chosen = frozenset(await _selected(head_hive, inputs))
+            inputs = replace(inputs, head_chosen=chosen, head_mine=frozenset(head_side.names))
+            notes.append(
+                f"shard {inputs.shard} ({SHARD_RULE}): {len(head_side.names)} of {len(chosen)}"
+                " nodes; other shards plan the rest"
+            )
         base_side, cached = None, False
         if base_commit is not None:
             base_side, cached, base_notes = await _base_side(inputs, base_commit, Path(tmp, "base"))
@@ -619,6 +652,7 @@ async def _base_side(
         key = cache.cache_key(
             rel,
             selector.text if selector else None,
+            *((f"shard {inputs.shard}", *sorted(inputs.head_mine)) if inputs.shard else ()),
             flags.impure,
             flags.options,
             flags.machines_file,
