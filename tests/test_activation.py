@@ -769,6 +769,28 @@ def test_unreachable_host_after_a_drop_gives_up_after_reconnect_timeout(tmp_path
     assert wait_for(lambda: list((tmp_path / "state").glob("activation-*/status")), 5)
 
 
+def test_a_launch_sent_again_starts_no_second_runner(tmp_path):
+    # Prepare and start are one command; when its answer is lost with the connection it is
+    # sent again, and the run directory, made once, says it was started already.
+    toplevel = fake_toplevel(tmp_path, 'echo "run $$" >> "$RUNS"\n')
+    directory = str(tmp_path / "state" / "activation-1")
+    argv = activation.launch_argv(
+        "auto", directory, toplevel, "test", set_profile=False, run_id="1", record=""
+    )
+
+    async def work(host, fake):
+        first = await host.run(argv, input_data=activation.RUNNER_SCRIPT.encode())
+        again = await host.run(argv, input_data=activation.RUNNER_SCRIPT.encode())
+        return first, again
+
+    runs = tmp_path / "runs"
+    _, (first, again) = run_fake(tmp_path, {"RUNS": str(runs)}, work)
+    assert first.ok and first.stdout == "method=detached\n", first
+    assert again.ok and again.stdout == "method=detached\nalready\n", again
+    assert wait_for(lambda: Path(directory, "status").exists(), 10)
+    assert len(runs.read_text().splitlines()) == 1
+
+
 def test_bad_arguments_are_refused():
     async def main():
         with pytest.raises(ValueError, match="not an activation goal"):

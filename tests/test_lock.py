@@ -222,7 +222,7 @@ def test_lock_sh_answers_the_query_once_locked_and_keeps_the_heartbeat(shell, tm
         proc.stdin.write(query.payload().decode() + ".")  # the paths, then a heartbeat
         proc.stdin.flush()
         assert proc.stdout.readline() == "locked\n"
-        answer = []
+        answer: list[str] = []
         while not answer or not answer[-1].startswith("query:"):
             answer.append(proc.stdout.readline())
             assert answer[-1], answer

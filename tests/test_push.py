@@ -31,7 +31,7 @@ import psutil
 import pytest
 from typing_extensions import override
 
-from runner.deploy.push import PushError, push_closure
+from runner.deploy.push import PushError, closure_of, push_closure
 from runner.hosts.ssh import SshHost, SshSettings, SshTarget
 from tests.conftest import ROOT, needs_fleet, write_hive
 from tests.fleet import Fleet, TestHost, free_first_octet
@@ -299,6 +299,31 @@ def test_failed_import_kills_the_local_exporter(fleet, hive):
     assert "Read-only file system" in message, message
     assert took < 10, took
     assert left == [], [p.cmdline() for p in left]
+
+
+# -- the closure, its size and what was built here: one local process -----------------------
+
+
+def test_closure_of_is_the_closure_dependencies_first_with_its_size(tmp_path):
+    expr = (
+        f"with import {ROOT}/tests/fixtures/nixpkgs {{ }}; runCommand"
+        f' "top-{uuid.uuid4().hex[:8]}" {{ }} "mkdir $out; ln -s ${{hello}} $out/h"'
+    )
+    built = subprocess.run(
+        ["nix-build", "--no-out-link", "-E", expr],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout.strip()
+    info = asyncio.run(closure_of(built))
+    expected = closure(built)
+    assert sorted(info.paths) == sorted(expected) and info.paths[-1] == built
+    infos = {i["path"]: i for i in path_infos(expected)}
+    for n, path in enumerate(info.paths):  # every path after the paths it refers to
+        assert set(infos[path]["references"]) - {path} <= set(info.paths[:n]), path
+    assert info.nar_bytes == sum(i["narSize"] for i in infos.values())
+    assert info.built_here is not None and built in info.built_here
 
 
 # -- item 10: the host's own substituters cost a bounded time ---------------------------------

@@ -21,13 +21,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NoReturn
 
-from runner import nix
 from runner.build import BuildRun, BuildSettings, evaluate_and_build
 from runner.deploy import activation, confirm, health, keys, waves
 from runner.deploy.cache import CacheSettings
 from runner.deploy.hoststate import HostQuery, HostState, query_host
 from runner.deploy.lock import RunIdentity, hold_lock
-from runner.deploy.push import push_closure
+from runner.deploy.push import Closure, closure_of, push_closure
 from runner.errors import WaggleError, failure_text
 from runner.evaluate import EvalRun, EvalSettings
 from runner.events import Emitter, Sink, discard
@@ -143,7 +142,7 @@ class _Pipeline:
     query: HostQuery | None = None
     state: HostState | None = None
     asked: bool = False
-    closure: list[str] | None = None
+    closure: Closure | None = None
 
     async def make_query(self, built: NodeResult) -> HostQuery | None:
         """The question for the host: the closure of what is pushed to it (None: keys only)."""
@@ -152,8 +151,8 @@ class _Pipeline:
         root = built.drv_path if _builds_on_target(self.settings, self.config) else built.out_path
         if root is None:
             return None
-        self.closure = await nix.closure(root)
-        self.query = HostQuery(tuple(self.closure))
+        self.closure = await closure_of(root)
+        self.query = HostQuery(self.closure.paths)
         return self.query
 
     async def host_state(self) -> HostState | None:

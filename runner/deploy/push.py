@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import time
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,17 +118,135 @@ async def missing_paths(host: Host, paths: Sequence[str], *, timeout: float) -> 
     return [p for p in paths if p in invalid]
 
 
-async def cacheable(paths: Sequence[str], *, timeout: float = 120) -> list[str]:
+@dataclass(frozen=True)
+class Closure:
+    """A closure to push, from one `nix path-info --recursive --json`."""
+
+    paths: tuple[str, ...]  # dependencies first
+    nar_bytes: int
+    built_here: frozenset[str] | None  # outputs no cache can have (see cacheable); None: unknown
+
+
+def _infos(data: Any) -> list[tuple[str, dict[str, Any]]]:
+    """`nix path-info --json`: a list of objects with "path" (Nix 2.8), or an object keyed
+    by path (later Nix)."""
+    items = data.items() if isinstance(data, dict) else ((i.get("path"), i) for i in data)
+    return [(p, i) for p, i in items if isinstance(p, str) and isinstance(i, dict)]
+
+
+def _built_here(infos: Sequence[tuple[str, dict[str, Any]]]) -> frozenset[str]:
+    return frozenset(
+        p for p, i in infos if i.get("ultimate") and not i.get("signatures") and not i.get("ca")
+    )
+
+
+def _dependencies_first(infos: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+    """The paths ordered so that every path comes after the paths it refers to."""
+    refs = {p: [r for r in i.get("references") or () if r != p] for p, i in infos}
+    ordered: list[str] = []
+    state: dict[str, bool] = {}  # False: being visited, True: placed
+    for top in sorted(refs):
+        stack = [(top, iter(refs[top]))]
+        state.setdefault(top, False)
+        while stack:
+            path, children = stack[-1]
+            child = next((c for c in children if c in refs and c not in state), None)
+            if child is None:
+                stack.pop()
+                if not state.get(path):
+                    state[path] = True
+                    ordered.append(path)
+            else:
+                state[child] = False
+                stack.append((child, iter(refs[child])))
+    return ordered
+
+
+BATCH_WINDOW = 0.02
+"""Seconds closure requests wait for others (nodes whose builds end together): they share
+one `nix path-info` (a local process costs ~25 ms of CPU; 32 nodes, 32 processes)."""
+
+_BATCHES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Future[Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _closure_from(root: str, infos: dict[str, dict[str, Any]]) -> Closure | None:
+    """`root`'s closure out of path-info records that hold it (None: some are missing)."""
+    seen, todo = {root}, [root]
+    while todo:
+        info = infos.get(todo.pop())
+        if info is None or not isinstance(info.get("narSize"), int):
+            return None
+        for ref in info.get("references") or ():
+            if ref not in seen:
+                seen.add(ref)
+                todo.append(ref)
+    mine = [(p, infos[p]) for p in sorted(seen)]
+    total = sum(int(i["narSize"]) for _, i in mine)
+    return Closure(tuple(_dependencies_first(mine)), total, _built_here(mine))
+
+
+async def _path_infos(roots: Sequence[str], timeout: float) -> dict[str, dict[str, Any]]:
+    """The path-info records of the closures of `roots` ({} when path-info cannot say)."""
+    with contextlib.suppress(OSError, json.JSONDecodeError):
+        done = await process.run([*PATH_INFO, "--recursive", *roots], timeout=timeout)
+        if done.ok:
+            return dict(_infos(json.loads(done.stdout)))
+    return {}
+
+
+async def _batch(pending: dict[str, asyncio.Future[Any]], timeout: float) -> None:
+    """After BATCH_WINDOW: one path-info for every root asked for meanwhile."""
+    await asyncio.sleep(BATCH_WINDOW)
+    batch = dict(pending)
+    pending.clear()
+    try:
+        infos = await _path_infos(list(batch), timeout)
+    except BaseException as e:  # cancelled, or a bug: every waiter hears of it
+        for future in batch.values():
+            if not future.done():
+                future.set_exception(e)
+        raise
+    for root, future in batch.items():
+        if not future.done():
+            future.set_result(_closure_from(root, infos))
+
+
+async def closure_of(root: str, *, timeout: float = 300) -> Closure:
+    """`root`'s closure with its size and what was built here: one local `nix path-info`,
+    shared by the requests of BATCH_WINDOW (two `nix-store` queries when path-info cannot
+    say)."""
+    pending = _BATCHES.setdefault(asyncio.get_running_loop(), {})
+    future = pending.get(root)
+    if future is None:
+        if not pending:
+            task = asyncio.create_task(_batch(pending, timeout))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        future = pending[root] = asyncio.get_running_loop().create_future()
+    found: Closure | None = await asyncio.shield(future)
+    if found is not None:
+        return found
+    paths = await nix.closure(root)
+    return Closure(tuple(paths), await nix.closure_size(paths), None)
+
+
+async def cacheable(
+    paths: Sequence[str], *, timeout: float = 120, built_here: frozenset[str] | None = None
+) -> list[str]:
     """The paths of `paths` a binary cache may have, in the given order.
 
     Left out: derivations (caches serve outputs), and outputs built on this machine that
     are neither signed nor content-addressed (`nix path-info`: `ultimate`, no `signatures`,
-    no `ca`). Substituted, imported, added and fixed-output paths stay. If the local
-    store cannot say (a Nix without `path-info`), every output stays.
+    no `ca`; `built_here` when known already, see `closure_of`). Substituted, imported,
+    added and fixed-output paths stay. If the local store cannot say (a Nix without
+    `path-info`), every output stays.
     """
     outputs = [p for p in paths if not p.endswith(".drv")]
     if not outputs:
         return []
+    if built_here is not None:
+        return [p for p in outputs if p not in built_here]
     try:
         done = await process.run([*PATH_INFO, *outputs], timeout=timeout)
     except OSError:  # e.g. an argument list too long for this system
@@ -138,17 +257,8 @@ async def cacheable(paths: Sequence[str], *, timeout: float = 120) -> list[str]:
         data: Any = json.loads(done.stdout)
     except json.JSONDecodeError:
         return outputs
-    # A list of objects with "path" (Nix 2.8), or an object keyed by path (later Nix).
-    items = data.items() if isinstance(data, dict) else ((i.get("path"), i) for i in data)
-    built_here = {
-        path
-        for path, info in items
-        if isinstance(info, dict)
-        and info.get("ultimate")
-        and not info.get("signatures")
-        and not info.get("ca")
-    }
-    return [p for p in outputs if p not in built_here]
+    here = _built_here(_infos(data))
+    return [p for p in outputs if p not in here]
 
 
 def _lines(paths: Sequence[str]) -> bytes:
@@ -331,12 +441,12 @@ async def push_closure(
     substitute: bool = True,
     timeout: float = 3600.0,
     substitute_timeout: float = SUBSTITUTE_TIMEOUT,
-    closure: Sequence[str] | None = None,
+    closure: Closure | None = None,
     missing: Sequence[str] | None = None,
     substitute_options: Sequence[str] = SUBSTITUTE_OPTIONS,
 ) -> PushResult:
-    """Push `root`'s closure (`closure`, if known already: its paths in export order);
-    `missing`: the paths the host lacks, if known already (the run's query)."""
+    """Push `root`'s closure (`closure`, if known already: `closure_of(root)`); `missing`:
+    the paths the host lacks, if known already (the run's query)."""
     start = time.monotonic()
     deadline = start + timeout
 
@@ -346,14 +456,16 @@ async def push_closure(
             raise PushError(f"push to {host.name} timed out after {timeout:g} s")
         return left
 
-    paths = list(closure) if closure is not None else await nix.closure(root)
-    closure_bytes = await nix.closure_size(paths)
+    info = closure if closure is not None else await closure_of(root)
+    paths, closure_bytes = list(info.paths), info.nar_bytes
     lacking = (
         list(missing)
         if missing is not None
         else await missing_paths(host, paths, timeout=remaining())
     )
-    candidates = await cacheable(lacking) if lacking and substitute else []
+    candidates = (
+        await cacheable(lacking, built_here=info.built_here) if lacking and substitute else []
+    )
 
     def result(sent: Sequence[str], sent_bytes: int, seconds: float = 0.0) -> PushResult:
         return PushResult(
