@@ -472,7 +472,7 @@ async def _deploy_node(
                 settings.run or RunIdentity.new(),
                 timeout=settings.lock_timeout,
                 on_wait=lambda line: emit.log(config.name, line, p.current),
-                query=await p.make_query(built),
+                query=await _connecting_meanwhile(host, p.make_query(built)),
             )
             async with lock as state:
                 p.state = state
@@ -487,6 +487,23 @@ async def _deploy_node(
 
 async def _nothing() -> str:
     return ""
+
+
+async def _connecting_meanwhile(host: Host, work: Awaitable[HostQuery | None]) -> HostQuery | None:
+    """`work` (the local closure query) while the host's connection is made (SshHost); a host
+    that cannot be reached raises here, as its first command would."""
+    connect = getattr(host, "connect", None)
+    if connect is None:
+        return await work
+    connecting = asyncio.ensure_future(connect())
+    try:
+        found = await work
+    except BaseException:
+        connecting.cancel()
+        connecting.add_done_callback(lambda f: f.cancelled() or f.exception())
+        raise
+    await connecting
+    return found
 
 
 def _unchanged(goal: Goal, toplevel: str, current: activation.CurrentSystem) -> bool:

@@ -9,10 +9,14 @@
 #   record:<line>   each line of RECORD (what Waggle's activation runner recorded)
 #   paths:          then each path of stdin that is not valid in the store, one a line
 #   query:<status>  nix-store's exit status (0: the list is complete); its error on stderr
+# Few processes (each costs the host a fork and exec): links are resolved with `cd -P` in
+# a subshell (a system is a directory), the record is read by the shell.
 waggle_query() {
-  printf 'current:%s\n' "$(readlink -e -- /run/current-system 2>/dev/null)"
-  printf 'profile:%s\n' "$(readlink -e -- /nix/var/nix/profiles/system 2>/dev/null)"
-  [ ! -r "$1" ] || sed 's/^/record:/' -- "$1"
+  printf 'current:%s\n' "$(cd -P -- /run/current-system 2>/dev/null && pwd -P)"
+  printf 'profile:%s\n' "$(cd -P -- /nix/var/nix/profiles/system 2>/dev/null && pwd -P)"
+  if [ -r "$1" ]; then
+    while IFS= read -r _wq_line; do echo "record:$_wq_line"; done < "$1"
+  fi
   echo paths:
   if [ "$2" -gt 0 ]; then
     head -c "$2" | xargs -r nix-store --check-validity --print-invalid
