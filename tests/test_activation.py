@@ -808,6 +808,20 @@ def test_the_decide_script_as_sent_is_shellcheck_clean():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.parametrize("name", ["launch", "query", "import"])
+def test_the_merged_scripts_as_sent_are_shellcheck_clean(name):
+    from runner.deploy import hoststate, push
+    from tests.test_shell_scripts import shellcheck
+
+    text = {
+        "launch": activation.LAUNCH_SCRIPT,
+        "query": hoststate.QUERY_SCRIPT,
+        "import": push.IMPORT_SCRIPT,
+    }[name]
+    done = shellcheck("-", text=text)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_the_deciders_answer_is_read_strictly():
     from runner.hosts import RemoteResult
 
