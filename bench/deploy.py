@@ -17,9 +17,16 @@ default 32 hosts at once, best of `--repeat`):
   the rollback), and every host blocks new logins so that nobody can confirm (the hosts go
   back by themselves after `--confirm-timeout 2`): wall time, the rollback stages' seconds
   and the hosts' own time for it (the `host_seconds` fact).
-Needs root (the fleet).
+Then, against Colmena's way (`--compare N`, default 32 fresh hosts, in one run): Waggle's
+first deploy and no-op (`apply switch --parallel N`, defaults otherwise), Colmena-style
+(`nix-copy-closure --to` then `ssh nix-env --set` and `ssh switch-to-configuration`, 10
+hosts at a time, as Colmena's default parallelism) and the perfect-parallel floor above,
+each on a plain fleet and on one whose hosts have a slow login shell (root's ~/.bashrc,
+which bash reads for every SSH command, sleeps 50 ms: pyenv, conda or nvm cost that), plus
+the evaluation alone (`waggle build` of the built hive). Needs root (the fleet).
 
     .venv/bin/python bench/deploy.py [--sizes 1,4,16,32] [--rollback-hosts 32] [--repeat 3]
+        [--compare 32]
 """
 
 from __future__ import annotations
@@ -79,9 +86,10 @@ def timed(argv: list[str], cwd: Path) -> tuple[float, subprocess.CompletedProces
     return seconds, done
 
 
-def floor(hive: Path, fleet: Fleet) -> float:
-    """The same work by the simplest possible script, all hosts in parallel."""
-    start = time.monotonic()
+def evaluate(hive: Path) -> dict[str, str]:
+    """Every node's system, evaluated in one nix-instantiate and realised (a cached build)."""
+    import json
+
     expr = (
         f"let q = import {ROOT}/runner/hive/nix/query.nix "
         f"(import {ROOT}/runner/hive/nix/eval.nix {{ rawHive = import {hive}; }}); "
@@ -93,14 +101,19 @@ def floor(hive: Path, fleet: Fleet) -> float:
         text=True,
         check=True,
     )
-    import json
-
     systems = {n: v["out"] for n, v in json.loads(out.stdout).items()}
     subprocess.run(
         ["nix-store", "--realise", *[json.loads(out.stdout)[n]["drv"] for n in systems]],
         capture_output=True,
         check=True,
     )
+    return systems
+
+
+def floor(hive: Path, fleet: Fleet) -> float:
+    """The same work by the simplest possible script, all hosts in parallel."""
+    start = time.monotonic()
+    systems = evaluate(hive)
     cfg = str(fleet.ssh_config)
 
     def one(name: str) -> None:
@@ -130,6 +143,85 @@ def floor(hive: Path, fleet: Fleet) -> float:
     with concurrent.futures.ThreadPoolExecutor(len(systems)) as pool:
         list(pool.map(one, systems))
     return time.monotonic() - start
+
+
+SLOW_SHELL = "sleep 0.05\n"  # root's ~/.bashrc on the slow-shell fleet
+COLMENA_PARALLEL = 10
+
+
+def slow_shells(fleet: Fleet) -> None:
+    """Every host's root gets a ~/.bashrc that sleeps 50 ms (each SSH command pays it)."""
+    for name in fleet.names:
+        (fleet[name].root / "root" / ".bashrc").write_text(SLOW_SHELL)
+
+
+def colmena_style(hive: Path, fleet: Fleet) -> float:
+    """Colmena's way with OpenSSH: the evaluation, then per host nix-copy-closure,
+    nix-env --set and switch-to-configuration, each its own ssh; 10 hosts at a time."""
+    cfg = str(fleet.ssh_config)
+    env = {**os.environ, "NIX_SSHOPTS": f"-F {cfg}"}
+    start = time.monotonic()
+    systems = evaluate(hive)
+
+    def one(name: str) -> None:
+        p = systems[name]
+        for argv in (
+            ["nix-copy-closure", "--to", name, p],
+            ["ssh", "-F", cfg, name, "nix-env", "-p", "/nix/var/nix/profiles/system", "--set", p],
+            ["ssh", "-F", cfg, name, f"{p}/bin/switch-to-configuration", "switch"],
+        ):
+            subprocess.run(argv, capture_output=True, check=True, env=env)
+
+    with concurrent.futures.ThreadPoolExecutor(COLMENA_PARALLEL) as pool:
+        list(pool.map(one, systems))
+    return time.monotonic() - start
+
+
+def compare_bench(tmp: Path, n: int) -> None:
+    """Waggle against Colmena-style and the floor on `n` fresh hosts, plain and slow-shell."""
+    hive_dir = tmp / "compare"
+    hive_dir.mkdir()
+    hive = hive_dir / "hive.nix"
+    hive.write_text(HIVE.format(standin=STANDIN, count=n))
+    timed([*WAGGLE, "build"], hive_dir)  # built once, outside the timings
+    evaluation, _ = timed([*WAGGLE, "build"], hive_dir)  # evaluation and a validity check
+    rows: dict[str, dict[str, float]] = {}
+    for variant in ("plain", "slow shell"):
+        row = rows[variant] = {}
+        for what in ("waggle", "colmena", "floor"):
+            directory = tmp / f"fleet-{variant.replace(' ', '-')}-{what}"
+            with Fleet.start(directory, n, first_octet=free_first_octet(n), etc="overlay") as f:
+                if variant == "slow shell":
+                    slow_shells(f)
+                if what == "waggle":
+                    argv = [*WAGGLE, "apply", "switch", "--ssh-config", str(f.ssh_config)]
+                    argv += ["--parallel", str(n)]
+                    row["waggle"], _ = timed(argv, hive_dir)
+                    row["no-op"], done = timed(argv, hive_dir)
+                    lines = [line for line in done.stdout.splitlines() if line.strip()]
+                    assert all("\tunchanged\t" in line for line in lines), done.stdout
+                elif what == "colmena":
+                    row["colmena"] = colmena_style(hive, f)
+                else:
+                    row["floor"] = floor(hive, f)
+    print(
+        f"\n{n} fresh hosts, one run; evaluation alone (waggle build, cached): {evaluation:.2f} s"
+    )
+    print(
+        f"{'fleet':<11} {'waggle s':>8} {'colmena-style s':>15} {'floor s':>8}"
+        f" {'waggle/colmena':>14} {'no-op s':>8} {'no-op - eval':>12}"
+    )
+    for variant, r in rows.items():
+        print(
+            f"{variant:<11} {r['waggle']:>8.2f} {r['colmena']:>15.2f} {r['floor']:>8.2f}"
+            f" {r['waggle'] / r['colmena']:>13.2f}x {r['no-op']:>8.2f} {r['no-op'] - evaluation:>11.2f}s"
+        )
+    slow, plain = rows["slow shell"], rows["plain"]
+    print(
+        f"slow shell / plain: waggle {slow['waggle'] / plain['waggle']:.2f}x,"
+        f" no-op {slow['no-op'] / plain['no-op']:.2f}x (target <= 1.2x);"
+        " waggle/colmena target <= 0.5x; no-op target <= evaluation + 1 s"
+    )
 
 
 def _stage_seconds(report: Path, stage: str, fact: str | None = None) -> list[float]:
@@ -211,6 +303,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,4,16,32")
     parser.add_argument("--rollback-hosts", type=int, default=32, help="0: skip")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--compare", type=int, default=32, help="hosts; 0: skip")
     args = parser.parse_args()
     os.environ.setdefault("NIX_CONFIG", "substituters =")
     print(f"machine: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}")
@@ -257,6 +350,9 @@ def main() -> None:
             f"{n:>5} {r['parallel']:>10.2f} {r['serial']:>9.2f} {r['noop']:>8.2f} {r['floor']:>8.2f} "
             f"{r['parallel'] / r['floor']:>8.2f}x {vs_one:>9}"
         )
+    if args.compare > 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            compare_bench(Path(tmp), args.compare)
     if args.rollback_hosts > 0:
         with tempfile.TemporaryDirectory() as tmp:
             rollback_bench(Path(tmp), args.rollback_hosts, args.repeat)
