@@ -592,6 +592,7 @@ def test_json_schema():
             "not_selected": 2,
         },
         "shard": None,
+        "cache_bytes_uploaded": None,
     }
     assert data["not_selected"] == ["backup", "edge"]
     nodes = {n["name"]: n for n in data["nodes"]}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,3 +171,35 @@ def _copied(stderr: str) -> tuple[list[str], dict[str, int]]:
         elif (m := _COPYING.search(line)) and m.group(1) not in copied:
             copied.append(m.group(1))
     return copied, sent
+
+
+Fact = tuple[str, int | float | str]
+
+
+async def cache_facts(
+    upload: Upload, fetched: Sequence[str], sent: int
+) -> tuple[str, tuple[Fact, ...]]:
+    """What a node's push through the cache did: a line for its message, and report facts.
+
+    `fetched`: the paths the host took from its substituters, the cache among them (none
+    when the upload failed); `sent`: how many paths were pushed directly all the same."""
+    fetched_bytes = await nix.closure_size(fetched) if upload.ok and fetched else 0
+    if not upload.ok:
+        fallback = f"fallback: {upload.error}"
+        text = f"{upload.error}: sent directly"
+    elif sent:
+        fallback = f"fallback: the host did not fetch {sent} path(s) from the cache"
+        text = f"{sent} path(s) not fetched from the cache (down, or its key not trusted): sent directly"
+    else:
+        fallback, text = "used", ""
+    if upload.ok and fetched:
+        got = f"{len(fetched)} path(s), {fetched_bytes / 2**20:.1f} MiB from the cache"
+        text = f"{got}; {text}" if text else got
+    facts: tuple[Fact, ...] = (
+        ("cache", fallback),
+        ("cache_upload_paths", upload.paths),
+        ("cache_upload_bytes", upload.bytes),
+        ("paths_from_cache", len(fetched) if upload.ok else 0),
+        ("bytes_from_cache", fetched_bytes if upload.ok else 0),
+    )
+    return text, facts

@@ -23,10 +23,10 @@ from typing import NoReturn
 
 from runner.build import BuildRun, BuildSettings, evaluate_and_build
 from runner.deploy import activation, confirm, health, keys, waves
-from runner.deploy.cache import CacheSettings
+from runner.deploy.cache import CacheSettings, CacheUploader, cache_facts
 from runner.deploy.hoststate import HostQuery, HostState, query_host
 from runner.deploy.lock import RunIdentity, hold_lock
-from runner.deploy.push import Closure, closure_of, push_closure
+from runner.deploy.push import SUBSTITUTE_OPTIONS, Closure, closure_of, push_closure
 from runner.errors import WaggleError, failure_text
 from runner.evaluate import EvalRun, EvalSettings
 from runner.events import Emitter, Sink, discard
@@ -143,6 +143,7 @@ class _Pipeline:
     state: HostState | None = None
     asked: bool = False
     closure: Closure | None = None
+    uploader: CacheUploader | None = None  # --cache: the run's, shared by its nodes
 
     async def make_query(self, built: NodeResult) -> HostQuery | None:
         """The question for the host: the closure of what is pushed to it (None: keys only)."""
@@ -267,6 +268,10 @@ class _Pipeline:
 
     async def push(self, toplevel: str) -> tuple[str, Facts]:
         missing = await self.missing()
+        upload = await self.uploader.upload(toplevel) if self.uploader is not None else None
+        extra: tuple[str, ...] = ()
+        if upload is not None and upload.ok and self.uploader is not None:
+            extra = self.uploader.settings.substituter_options()  # for that command only
         result = await push_closure(
             self.host,
             toplevel,
@@ -274,8 +279,13 @@ class _Pipeline:
             timeout=self.settings.push_timeout,
             closure=self.closure,
             missing=missing,
+            substitute_options=(*SUBSTITUTE_OPTIONS, *extra),
+            from_cache=bool(extra),
         )
-        return result.describe(), result.facts()
+        if upload is None:
+            return result.describe(), result.facts()
+        text, facts = await cache_facts(upload, result.fetched, result.paths_sent)
+        return "; ".join(t for t in (result.describe(), text) if t), (*result.facts(), *facts)
 
     async def activate(self, toplevel: str) -> None:
         """Activate unless the host already runs `toplevel`; reboot if asked."""
@@ -450,17 +460,31 @@ class StepError(WaggleError):
     exit_code = 1
 
 
+@dataclass(frozen=True)
+class _Shared:
+    """What a run's nodes share: the --parallel permits, the --cache uploader."""
+
+    permits: asyncio.Semaphore
+    uploader: CacheUploader | None
+
+    @classmethod
+    def of(cls, settings: DeploySettings, nodes: int) -> _Shared:
+        permits = asyncio.Semaphore(settings.parallel if settings.parallel > 0 else max(1, nodes))
+        return cls(permits, CacheUploader(settings.cache) if settings.cache else None)
+
+
 async def _deploy_node(
     built: NodeResult,
     config: NodeConfig,
     settings: DeploySettings,
     host: Host,
-    permits: asyncio.Semaphore,
+    shared: _Shared,
     emit: Emitter,
 ) -> NodeResult:
     """Run one node's pipeline under a --parallel permit. Total: whatever goes wrong
     (inside a stage or between stages) is a failed stage of this node, never an exception."""
-    p = _Pipeline(config, settings, host, emit)
+    p = _Pipeline(config, settings, host, emit, uploader=shared.uploader)
+    permits = shared.permits
     p.current = Stage.KEYS if settings.goal is Goal.UPLOAD_KEYS else Stage.PUSH
     # The host's lock, for all of this node's host work (runner/deploy/lock.py); not
     # getting it is the first stage's failure.
@@ -587,7 +611,7 @@ async def deploy(
         settings = replace(settings, run=RunIdentity.new())
     emit = Emitter(events or discard)
     make_host = host_factory or (lambda c: ssh_host_for(c, settings.ssh))
-    permits = asyncio.Semaphore(settings.parallel if settings.parallel > 0 else max(1, len(names)))
+    shared = _Shared.of(settings, len(names))
     goal = settings.goal
     on_target = {n for n in names if _builds_on_target(settings, configs[n])}
     needs_host = {n for n in names if goal.needs_host or n in on_target}
@@ -612,7 +636,7 @@ async def deploy(
             emit.end(built.name, failed)
             return _result(built, (failed,))
         try:
-            return await _deploy_node(built, config, settings, host, permits, emit)
+            return await _deploy_node(built, config, settings, host, shared, emit)
         finally:
             # Done with this host: its connection (and temp ssh config) goes now, not at
             # the end of the run, so a large fleet never holds a socket per finished node.

@@ -80,6 +80,7 @@ class PushResult:
     closure_bytes: int = 0
     substitute_seconds: float = 0.0  # the host's own substitution (0 when skipped)
     paths_substituted: int = 0  # missing paths the host fetched from its own caches
+    fetched: tuple[str, ...] = ()  # those paths (from its caches, or the run's --cache)
 
     def facts(self, *, closure: bool = True) -> tuple[Fact, ...]:
         """The report facts; without `closure_bytes` when the closure is not the system's."""
@@ -434,6 +435,18 @@ def _check_import(
         raise PushError(f"nix-store --export did not end within {EXPORT_GRACE:g} s")
 
 
+async def _candidates(
+    lacking: Sequence[str], info: Closure, *, substitute: bool, from_cache: bool
+) -> list[str]:
+    """The paths the host is asked to substitute: all it lacks from the run's cache (but
+    derivations), else those a cache can have (`cacheable`), or none."""
+    if from_cache:
+        return [p for p in lacking if not p.endswith(".drv")]
+    if lacking and substitute:
+        return await cacheable(lacking, built_here=info.built_here)
+    return []
+
+
 async def push_closure(
     host: Host,
     root: str,
@@ -444,9 +457,12 @@ async def push_closure(
     closure: Closure | None = None,
     missing: Sequence[str] | None = None,
     substitute_options: Sequence[str] = SUBSTITUTE_OPTIONS,
+    from_cache: bool = False,
 ) -> PushResult:
     """Push `root`'s closure (`closure`, if known already: `closure_of(root)`); `missing`:
-    the paths the host lacks, if known already (the run's query)."""
+    the paths the host lacks, if known already (the run's query). With `from_cache` (the
+    closure is in the run's binary cache, which `substitute_options` add for this command),
+    the host is asked to substitute every path it lacks, built here or not."""
     start = time.monotonic()
     deadline = start + timeout
 
@@ -463,11 +479,10 @@ async def push_closure(
         if missing is not None
         else await missing_paths(host, paths, timeout=remaining())
     )
-    candidates = (
-        await cacheable(lacking, built_here=info.built_here) if lacking and substitute else []
-    )
+    candidates = await _candidates(lacking, info, substitute=substitute, from_cache=from_cache)
 
     def result(sent: Sequence[str], sent_bytes: int, seconds: float = 0.0) -> PushResult:
+        pushed = set(sent)
         return PushResult(
             len(paths),
             len(sent),
@@ -476,6 +491,7 @@ async def push_closure(
             closure_bytes,
             seconds,
             len(lacking) - len(sent),
+            tuple(p for p in lacking if p not in pushed),
         )
 
     if not lacking:

@@ -19,6 +19,7 @@ changing the meaning of one bumps the version.
 | `run.ok` | boolean | no selected node failed, and none was left unreached by `--waves`' failure budget |
 | `run.counts` | object | `nodes` (selected), `ok`, `failed`, `unchanged`, `skipped`, `not_selected`: integers |
 | `run.shard` | object or null | with `--shard K/N`: `index` (K), `total` (N), `rule` (`"waggle.shard/1"`) and `selected` (every node `--on` selected, all shards', in selection order); `nodes` then holds this shard's nodes only and `not_selected` no other shard's |
+| `run.cache_bytes_uploaded` | integer or null | with `--cache`: bytes uploaded to the binary cache by this run (the push stages' `cache_upload_bytes`); null without |
 | `nodes` | array of object | the selected nodes, in selection order |
 | `nodes[].name` | string | the node's name |
 | `nodes[].status` | string | `ok`, `failed`, `unchanged` (activation skipped: the host already runs this system) or `skipped` (only skipped stages) |
@@ -42,7 +43,12 @@ Facts of an ok `push` stage: `paths_total` (paths in the system's closure), `pat
 `substitute_seconds` (the host's own substitution of missing paths, 0 when it was skipped) and
 `paths_substituted` (missing paths the host fetched from its own caches). A `build` stage on
 the target has the same facts for the pushed `.drv` closure, without `closure_bytes`; a local
-`build` that found the system already built has `already_built` = 1. Failed stages have none.
+`build` that found the system already built has `already_built` = 1. With `--cache` a `push`
+also has `cache` (`used`, or `fallback: ...` saying why some or all paths were sent
+directly), `cache_upload_paths` and `cache_upload_bytes` (what this node's upload added to the
+cache: 0 when the nodes before it had uploaded everything), `paths_from_cache` and
+`bytes_from_cache` (NAR bytes the host fetched through its substituters, the cache among
+them). Failed stages have none.
 """
 
 from __future__ import annotations
@@ -99,6 +105,7 @@ class RunJson(TypedDict):
     ok: bool
     counts: CountsJson
     shard: ShardJson | None
+    cache_bytes_uploaded: int | None
 
 
 class StageJson(TypedDict):
@@ -154,6 +161,7 @@ def report_json(summary: RunSummary) -> ReportJson:
                 "not_selected": len(summary.not_selected),
             },
             "shard": _shard(summary),
+            "cache_bytes_uploaded": cache_bytes_uploaded(summary),
         },
         "nodes": [_node(n) for n in summary.nodes],
         "not_selected": [clean_text(n) for n in summary.not_selected],
@@ -186,6 +194,19 @@ def _stage(result: StageResult) -> StageJson:
         "facts": {clean_text(k): _fact(v) for k, v in result.facts},
         "log_tail": log_tail(result.detail) or None,
     }
+
+
+def cache_bytes_uploaded(summary: RunSummary) -> int | None:
+    """Bytes the run uploaded to its --cache (the push stages' `cache_upload_bytes`);
+    None when no node went through a cache."""
+    sizes = [
+        int(v)
+        for n in summary.nodes
+        for s in n.stages
+        for k, v in s.facts
+        if k == "cache_upload_bytes" and isinstance(v, int | float)
+    ]
+    return sum(sizes) if sizes else None
 
 
 def _shard(summary: RunSummary) -> ShardJson | None:
