@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import pytest
 
-from runner.deploy.hoststate import HostQuery, parse
+from runner.deploy.hoststate import HostQuery, HostState, parse
 from runner.deploy.lock import (
     LOCK_SCRIPT,
     HostLockedError,
@@ -490,6 +490,30 @@ def test_a_released_lock_lets_the_waiting_run_in(fleet, host):
         return took
 
     assert 0.5 < on_hosts(fleet, 2, work) < 4
+
+
+@fleet_test
+def test_the_query_is_answered_once_a_waited_for_lock_is_taken(fleet, host):
+    # The host lock's channel answers the run's query (hoststate.py); after waiting for
+    # another run, the answer comes with the lock that was finally taken.
+    first, second = RunIdentity.new(), RunIdentity.new()
+    query = HostQuery(("/nix/store/00000000000000000000000000000000-missing",), "/nonexistent")
+
+    async def work(a: SshHost, b: SshHost) -> HostState | None:
+        async def hold_a() -> None:
+            async with hold_lock(a, first, timeout=5):
+                await asyncio.sleep(1.0)
+
+        task = asyncio.create_task(hold_a())
+        await until(lambda: bool(host_lines(host)), 10, "the first lock")
+        async with hold_lock(b, second, timeout=10, poll=0.2, query=query) as state:
+            assert [f[2] for f in host_lines(host)] == [second.run_id]
+        await task
+        return state
+
+    state = on_hosts(fleet, 2, work)
+    assert state is not None and state.missing == query.paths
+    assert state.system.activated is None
 
 
 @fleet_test

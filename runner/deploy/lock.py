@@ -132,6 +132,7 @@ class _Channel:
     argv: list[str]
     heartbeat: float
     query: HostQuery | None = None
+    eager: bool = True  # send the query's paths before the answer
     answer: str | None = None
     answered: asyncio.Event = field(default_factory=asyncio.Event)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -160,11 +161,16 @@ class _Channel:
                 self.queried.set()
 
     async def _feed(self) -> AsyncIterator[bytes]:
-        if self.query is not None:
-            yield self.query.payload()  # read by lock.sh once it holds the lock (exactly)
+        # The query's paths are read by lock.sh once it holds the lock (exactly): sent at
+        # once (no round trip waits for them), except after the host was found held (then
+        # only once it is taken, not again at every attempt).
+        if self.query is not None and self.eager:
+            yield self.query.payload()
         await self.answered.wait()  # nothing more before the answer; none after a refusal
         if self.answer != "locked":
             return
+        if self.query is not None and not self.eager:
+            yield self.query.payload()
         while not self.stop.is_set():
             try:
                 await asyncio.wait_for(self.stop.wait(), self.heartbeat)
@@ -233,13 +239,13 @@ class _HostLock:
     channel: _Channel | None = None
     lost: Holder | None = None  # another run took the host while this one still worked
 
-    async def attempt(self, query: HostQuery | None = None) -> Holder | None:
+    async def attempt(self, query: HostQuery | None = None, *, eager: bool = True) -> Holder | None:
         """Take the lock once: None when taken (the channel holds it), else the holder.
 
         Raises HostError when the host cannot be asked (cannot connect, no flock).
         """
         argv = lock_argv(self.owner, self.idle, query)
-        channel = _Channel(self.host, argv, self.heartbeat, query)
+        channel = _Channel(self.host, argv, self.heartbeat, query, eager)
         channel.start()
         try:
             answer = await channel.wait_answer()
@@ -267,7 +273,7 @@ class _HostLock:
         began = time.monotonic()
         seen: Holder | None = None
         while True:
-            holder = await self.attempt(query)
+            holder = await self.attempt(query, eager=seen is None)
             if holder is None:
                 assert self.channel is not None
                 return await self.channel.wait_state(QUERY_WAIT)
