@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -389,16 +390,21 @@ def test_a_worker_killed_mid_queue_loses_no_node(tmp_path):
 
 
 def test_a_node_without_progress_times_out_alone(tmp_path):
+    # node-2 reads a FIFO nobody writes: it waits forever (no CPU, no memory). It fails with
+    # the timeout; its queue goes on in a new evaluator.
+    fifo = tmp_path / "never-written"
+    os.mkfifo(fifo)
     body = MANY.replace("@COUNT@", "4").replace(
         'environment.etc."id".text = "node ${toString i}\\n";',
-        'environment.etc."id".text = if i == 2 then toString (builtins.length (builtins.genList (x: x) 2000000000)) else "node ${toString i}\\n";',
+        f'environment.etc."id".text = if i == 2 then builtins.readFile {fifo} else "node ${{toString i}}\\n";',
     )
-    assert "2000000000" in body
+    assert str(fifo) in body
     hive = open_hive(write_hive(tmp_path, body))
     names = asyncio.run(hive.node_names())
-    run = asyncio.run(evaluate(hive, names, EvalSettings(jobs=1, timeout=3.0)))
+    run = asyncio.run(evaluate(hive, names, EvalSettings(jobs=1, timeout=2.0)))
     assert run.failed == ["node-2"]
-    assert run.results["node-2"].error == "evaluation timed out after 3 s"
+    assert run.results["node-2"].error == "evaluation timed out after 2 s"
+    assert [p.why for p in run.processes] == ["timeout", "finished"]
     assert no_evaluator_left()
 
 
