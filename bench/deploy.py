@@ -26,7 +26,9 @@ which bash reads for every SSH command, sleeps 50 ms: pyenv, conda or nvm cost t
 the evaluation alone (`waggle build` of the built hive). Needs root (the fleet).
 
     .venv/bin/python bench/deploy.py [--sizes 1,4,16,32] [--rollback-hosts 32] [--repeat 3]
-        [--compare 32]
+        [--compare 32] [--cache [32]]
+
+`--cache N`: a direct push against one through a binary cache (bench/cache_bench.py).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.cache_bench import cache_bench
 from tests.fleet import Fleet, free_first_octet
 
 STANDIN = ROOT / "tests" / "fixtures" / "nixpkgs"
@@ -304,6 +307,8 @@ def main() -> None:
     parser.add_argument("--rollback-hosts", type=int, default=32, help="0: skip")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--compare", type=int, default=32, help="hosts; 0: skip")
+    parser.add_argument("--cache", type=int, nargs="?", const=32, default=0, metavar="HOSTS",
+                        help="also direct push vs a binary cache (default 32 hosts)")  # fmt: skip
     args = parser.parse_args()
     os.environ.setdefault("NIX_CONFIG", "substituters =")
     print(f"machine: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}")
@@ -356,6 +361,9 @@ def main() -> None:
     if args.rollback_hosts > 0:
         with tempfile.TemporaryDirectory() as tmp:
             rollback_bench(Path(tmp), args.rollback_hosts, args.repeat)
+    if args.cache > 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            cache_bench(Path(tmp), args.cache)
 
 
 if __name__ == "__main__":
