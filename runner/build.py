@@ -190,6 +190,7 @@ async def evaluate_and_build(
     order = {n: i for i, n in enumerate(names)}
     return BuildRun(tuple(sorted(results, key=lambda r: order[r.name])), run)
 
+
 async def _evaluate_rest(
     hive: Hive,
     names: Sequence[str],
