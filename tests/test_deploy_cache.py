@@ -103,3 +103,46 @@ def test_an_unreachable_cache_is_an_upload_error_not_a_crash(tmp_path):
     result = asyncio.run(upload_closure(root, CacheSettings(url, timeout=60)))
     assert not result.ok
     assert result.error is not None and url in result.error
+
+
+BUILD_HIVE = """
+{
+  meta.nixpkgs = import @NIXPKGS@ { };
+  defaults = { name, ... }: { networking.hostName = name; };
+  one = { environment.etc.x.text = "@UNIQUE@ one"; };
+  two = { environment.etc.x.text = "@UNIQUE@ two"; };
+}
+"""
+
+
+def test_build_with_a_cache_uploads_the_built_systems(tmp_path):
+    import json
+    import uuid
+
+    from tests.conftest import write_hive
+    from tests.helpers import waggle
+
+    cache = BinaryCache.create(tmp_path / "cache")
+    write_hive(tmp_path, BUILD_HIVE.replace("@UNIQUE@", uuid.uuid4().hex))
+    done = waggle(
+        *("build", "--cache", cache.file_url, "--cache-key", str(cache.secret_key)),
+        *("--report-json", "r.json"),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    for node in report["nodes"]:
+        build = next(s for s in node["stages"] if s["stage"] == "build")
+        assert build["facts"]["cache"] == "used", build
+        hash_part = node["out_path"].removeprefix("/nix/store/").split("-")[0]
+        assert f"{hash_part}.narinfo" in cache.narinfos()
+    assert report["run"]["cache_bytes_uploaded"] > 0
+    # The cache down: the build fails, naming it (the closure was asked to be there).
+    down = BinaryCache.create(tmp_path / "down").start()
+    url = down.http_url
+    down.stop()
+    write_hive(tmp_path, BUILD_HIVE.replace("@UNIQUE@", uuid.uuid4().hex))
+    failed = waggle("build", "--cache", url, cwd=tmp_path)
+    assert failed.returncode == 1, failed.stderr
+    assert f"uploading to {url} failed" in failed.stdout + failed.stderr
+    assert "Traceback" not in failed.stderr

@@ -15,6 +15,7 @@ from pathlib import Path
 from runner import interrupt
 from runner.app.requests import ApplyRequest, HiveRef, Reports, View
 from runner.build import BuildSettings, evaluate_and_build
+from runner.deploy.cache import CacheUploader, upload_after_build
 from runner.deploy.pipeline import deploy, goal_stages
 from runner.errors import EXIT_NODES_FAILED, HiveError, UsageError, WaggleError
 from runner.evaluate import COST, MEMORY, EvalRun
@@ -246,9 +247,11 @@ async def _evaluate_or_deploy(
     if _builds_only(request, selection):
         with progress(request.view, names) as out:
             recorder.sink = out
+            cache = request.deploy.cache
             built = await evaluate_and_build(
-                hive, names, request.eval, build, events=recorder, evaluated=evaluated
-            )
+                hive, names, request.eval, build, events=recorder, evaluated=evaluated,
+                then=upload_after_build(CacheUploader(cache)) if cache else None,
+            )  # fmt: skip
             log_evaluation(built.evaluation)
         return list(built.nodes)
     settings = replace(request.deploy, base_dir=hive.source.directory)

@@ -20,12 +20,13 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from runner import nix, process
 from runner.errors import UsageError
+from runner.results import NodeResult, Stage, Status
 
 COPY = ("nix", "--extra-experimental-features", "nix-command", "copy")
 UPLOAD_TIMEOUT = 3600.0
@@ -203,3 +204,28 @@ async def cache_facts(
         ("bytes_from_cache", fetched_bytes if upload.ok else 0),
     )
     return text, facts
+
+
+def upload_after_build(
+    uploader: CacheUploader,
+) -> Callable[[NodeResult], Awaitable[NodeResult]]:
+    """For runs that push nothing (`waggle build --cache`): upload each built system to
+    the cache (so deploys, other shards and hosts find it there); the build stage gets the
+    upload's facts, and fails when the upload does (the closure was asked to be there)."""
+
+    async def then(result: NodeResult) -> NodeResult:
+        stage = result.stages[-1] if result.stages else None
+        if result.out_path is None or stage is None or stage.stage is not Stage.BUILD:
+            return result
+        upload = await uploader.upload(result.out_path)
+        facts: tuple[Fact, ...] = (
+            ("cache", "used" if upload.ok else f"fallback: {upload.error}"),
+            ("cache_upload_paths", upload.paths),
+            ("cache_upload_bytes", upload.bytes),
+        )
+        changed = replace(stage, facts=(*stage.facts, *facts))
+        if not upload.ok:
+            changed = replace(changed, status=Status.FAILED, message=f"built; {upload.error}")
+        return replace(result, stages=(*result.stages[:-1], changed))
+
+    return then
