@@ -81,7 +81,7 @@ def test_parallel_bounds_concurrent_pushes(tmp_path, parallel, expected):
             hive,
             configs,
             names,
-            EvalSettings(node_limit=0),  # one chunk: every node is ready at once
+            EvalSettings(node_limit=0),  # no node limit: every node is ready soon after the other
             BuildSettings(jobs=6),
             DeploySettings(goal=Goal.PUSH, parallel=parallel, substitute=False),
             host_factory=lambda c: SlowHost(c.name, gauge),

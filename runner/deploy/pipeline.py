@@ -1,8 +1,9 @@
 """The per-node deployment pipeline and the run-wide limits.
 
-select -> evaluate (in a chunk) -> build (or build on target) -> connect ->
-push closure -> pre-activation keys -> set profile + activate (detached) ->
-reboot -> post-activation keys -> result.
+select -> evaluate (a streaming worker) -> build (or build on target) -> connect and
+lock (the lock's channel answers the host query) -> push closure (through the run's
+--cache when given) -> pre-activation keys -> set profile + activate (detached) ->
+reboot -> health checks -> confirmation (magic rollback) -> post-activation keys -> result.
 
 Nodes never wait on each other except through the explicit limits: the
 evaluation memory budget, `--build-jobs`, and `--parallel` (one permit per
