@@ -216,9 +216,13 @@ def test_rollout_section(tmp_path):
         ("rollout:\n  confirm_timeout: '30'\n", "setting 'rollout.confirm_timeout'"),
         ("rollout:\n  confirm_timeout: true\n", "setting 'rollout.confirm_timeout'"),
         ("rollout:\n  health_checks: 'no'\n", "setting 'rollout.health_checks' must be true"),
+        ("cache: 5\n", "setting 'cache' must be a store URL or a mapping"),
+        ("cache:\n  substituter: https://x\n", "setting 'cache' needs url"),
+        ("cache:\n  uri: https://x\n", "unknown setting 'cache.uri' (known: cache.url, "),
+        ("cache:\n  url: [1]\n", "setting 'cache.url'"),
     ],
 )
-def test_bad_rollout_settings_name_the_key(tmp_path, text, needle):
+def test_bad_section_settings_name_the_key(tmp_path, text, needle):
     path = tmp_path / CONFIG_NAME
     path.write_text(text)
     with pytest.raises(ConfigError) as info:
@@ -247,24 +251,6 @@ def test_cache_section(tmp_path):
     path.write_text("cache: file:///srv/cache\n")
     assert load_config(path, search_from=tmp_path).cache == CacheConfig(url="file:///srv/cache")
     assert CiConfig().cache == CacheConfig()
-
-
-@pytest.mark.parametrize(
-    ("text", "needle"),
-    [
-        ("cache: 5\n", "setting 'cache' must be a store URL or a mapping"),
-        ("cache:\n  substituter: https://x\n", "setting 'cache' needs url"),
-        ("cache:\n  uri: https://x\n", "unknown setting 'cache.uri' (known: cache.url, "),
-        ("cache:\n  url: [1]\n", "setting 'cache.url'"),
-    ],
-)
-def test_bad_cache_settings_name_the_key(tmp_path, text, needle):
-    path = tmp_path / CONFIG_NAME
-    path.write_text(text)
-    with pytest.raises(ConfigError) as info:
-        load_config(path, search_from=tmp_path)
-    message = str(info.value)
-    assert needle in message and message.startswith(str(path)), message
 
 
 def test_documented_examples_are_valid(tmp_path):
