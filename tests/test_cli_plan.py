@@ -164,7 +164,7 @@ def test_ci_posts_the_plan_as_a_sticky_comment(tmp_path, leaky):
             }
         )
         done = subprocess.run(
-            [sys.executable, "-m", "runner", "ci"],
+            [sys.executable, "-m", "runner", "ci", "--report-json", "plan.json"],
             cwd=tmp_path,
             env=env,
             capture_output=True,
@@ -184,8 +184,11 @@ def test_ci_posts_the_plan_as_a_sticky_comment(tmp_path, leaky):
     assert "<!-- waggle-plan -->" in body and "alpha" in body
     if leaky:
         assert "token= git= mine=" in body, body  # the hive ran, and saw no token
+    # --report-json in plan mode: the plan's JSON (it was silently not written)
+    plan_file = (tmp_path / "plan.json").read_text()
+    assert [n["name"] for n in json.loads(plan_file)["nodes"]][:1] == ["alpha"], plan_file
     for secret in ("secret-token-123", "secret-git-456", "secret-forge-789"):
-        assert secret not in body + done.stdout + done.stderr, secret
+        assert secret not in body + done.stdout + done.stderr + plan_file, secret
 
 
 # -- -f outside the repository: one line, naming the file and the repository ---------------

@@ -227,7 +227,7 @@ async def _plan(
     )
     result = trust.decide_dry_activation(planned_run, policy)
     result = replace(result, notes=(*result.notes, *settings.notes))
-    text = write_plan_reports(result, replace(request.reports, json=None))
+    text = write_plan_reports(result, request.reports)
     printer.plan(text)
     if config.comment and request.shard is not None:  # each shard would replace the others'
         log.warning("plan comment not posted: shard %s plans only part of the nodes", request.shard)
