@@ -582,6 +582,13 @@ def test_options_defaults_and_morph_values_round_trip(tmp_path):
         ),
     )
     assert web.http[0].url(configs["web"].target_host or "") == "http://10.0.0.7:80/"
+    # `nodes --json` shows them (header values left out: they may hold a token)
+    listed = json.loads(waggle("nodes", "--json", "--on", "web", cwd=tmp_path).stdout)[0]
+    http = listed["healthChecks"]["http"]
+    assert [h["description"] for h in http] == ["front page", "api"]
+    assert http[1]["headers"] == ["Host", "X-Token"] and http[1]["insecureSSL"] is True
+    assert {c["description"] for c in listed["healthChecks"]["cmd"]} == {
+        "nginx up", "fast", "system up"}  # fmt: skip
 
 
 def test_a_node_without_health_checks_has_the_empty_default(tmp_path):

@@ -64,7 +64,26 @@ def node_json(c: NodeConfig) -> dict[str, Any]:
             }
             for k in c.keys
         ],
+        "healthChecks": _health_json(c),
     }
+
+
+def _health_json(c: NodeConfig) -> dict[str, Any]:
+    """deployment.healthChecks as set (header values left out: they may hold a token)."""
+    checks = c.health_checks
+    return {
+        "cmd": [
+            {"description": h.description, "cmd": list(h.cmd), "period": h.period,
+             "timeout": h.timeout}
+            for h in checks.cmd
+        ],
+        "http": [
+            {"description": h.description, "scheme": h.scheme, "host": h.host, "port": h.port,
+             "path": h.path, "headers": [name for name, _ in h.headers], "period": h.period,
+             "timeout": h.timeout, "insecureSSL": h.insecure_ssl}
+            for h in checks.http
+        ],
+    }  # fmt: skip
 
 
 @dataclass(frozen=True)
