@@ -146,3 +146,28 @@ def test_build_with_a_cache_uploads_the_built_systems(tmp_path):
     assert failed.returncode == 1, failed.stderr
     assert f"uploading to {url} failed" in failed.stdout + failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+def test_ci_builds_of_a_branch_that_does_not_deploy_are_never_uploaded(tmp_path):
+    # waggle.yaml names a signed cache: only a deploy (a push to a deploy branch) uploads;
+    # a push to another branch builds, and its systems are not signed with the fleet's key.
+    import uuid
+
+    from tests.conftest import write_hive
+    from tests.test_gitops_apply import git, github_env, rev, run_ci
+
+    cache = BinaryCache.create(tmp_path / "cache")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    write_hive(repo, BUILD_HIVE.replace("@UNIQUE@", uuid.uuid4().hex))
+    (repo / "waggle.yaml").write_text(
+        f"cache:\n  url: {cache.file_url}\n  key: {cache.secret_key}\n"
+    )
+    git(repo, "init", "-q", "-b", "topic")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "one")
+    event = {"before": "0" * 40, "after": rev(repo), "repository": {"default_branch": "main"}}
+    done = run_ci(repo, github_env(tmp_path, "push", event, rev(repo), "topic"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "build" in done.stderr.splitlines()[0], done.stderr
+    assert cache.narinfos() == []

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.binary_cache import BinaryCache
 from tests.conftest import needs_fleet, write_hive
 from tests.fleet import Fleet, TestHost, free_first_octet
 
@@ -259,7 +260,12 @@ def test_keys_of_a_pull_request_never_reach_a_host(fleet, tmp_path):
 
 
 def test_a_normal_pull_request_is_dry_activated_with_the_base_connection_settings(fleet, tmp_path):
-    repo, base = base_repo(tmp_path, "normal", settings=ON)
+    # The base's settings also name a signed binary cache: a PR's closures must never be
+    # signed with the fleet's key and uploaded (hosts would trust them); dry activation
+    # pushes them directly.
+    cache = BinaryCache.create(tmp_path / "cache")
+    signed = f"cache:\n  url: {cache.file_url}\n  key: {cache.secret_key}\n"
+    repo, base = base_repo(tmp_path, "normal", settings=ON + signed)
     # The base reaches host2 with explicit connection settings; the PR keeps them.
     reach = (
         'deployment.targetUser = "root"; deployment.targetPort = 22; '
@@ -276,3 +282,4 @@ def test_a_normal_pull_request_is_dry_activated_with_the_base_connection_setting
     text = report_text(report)
     assert "Dry activation is on in the base commit's settings" in text, text
     assert "`host2`: dry-activate, reached with the base commit's connection settings" in text
+    assert cache.narinfos() == []  # nothing of the PR went to the cache

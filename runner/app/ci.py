@@ -189,8 +189,11 @@ async def _deploy_or_build(
         goal = Goal.SWITCH
     else:
         changes, goal = None, Goal.BUILD
+    # Only a deploy uploads to --cache/cache:: another branch's builds are never signed with
+    # the fleet's key (hosts trust what it signs).
+    cache = request.deploy.cache if chosen == "deploy" else None
     summary = await apply(
-        replace(request, deploy=replace(request.deploy, goal=goal), changes=changes)
+        replace(request, deploy=replace(request.deploy, goal=goal, cache=cache), changes=changes)
     )
     printer.run(summary)
     failed = tuple(ci.failed_nodes(summary))
@@ -286,6 +289,7 @@ async def dry_activate_pr(
         keys=False,
         build_on_target=False,
         reboot=False,
+        cache=None,  # a PR's closures are never signed with the fleet's key nor uploaded
         base_dir=hive.source.directory,
     )
     with progress(request.view, names, plain=True) as out:
