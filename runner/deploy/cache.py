@@ -178,13 +178,17 @@ Fact = tuple[str, int | float | str]
 
 
 async def cache_facts(
-    upload: Upload, fetched: Sequence[str], sent: int
+    upload: Upload, fetched: Sequence[str], sent: int, fetched_bytes: int | None = None
 ) -> tuple[str, tuple[Fact, ...]]:
     """What a node's push through the cache did: a line for its message, and report facts.
 
     `fetched`: the paths the host took from its substituters, the cache among them (none
-    when the upload failed); `sent`: how many paths were pushed directly all the same."""
-    fetched_bytes = await nix.closure_size(fetched) if upload.ok and fetched else 0
+    when the upload failed), and their NAR bytes if known (else asked of the local store);
+    `sent`: how many paths were pushed directly all the same."""
+    if not upload.ok or not fetched:
+        fetched_bytes = 0
+    elif fetched_bytes is None:
+        fetched_bytes = await nix.closure_size(fetched)
     if not upload.ok:
         fallback = f"fallback: {upload.error}"
         text = f"{upload.error}: sent directly"

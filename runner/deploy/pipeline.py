@@ -285,7 +285,9 @@ class _Pipeline:
         )
         if upload is None:
             return result.describe(), result.facts()
-        text, facts = await cache_facts(upload, result.fetched, result.paths_sent)
+        text, facts = await cache_facts(
+            upload, result.fetched, result.paths_sent, result.fetched_bytes
+        )
         return "; ".join(t for t in (result.describe(), text) if t), (*result.facts(), *facts)
 
     async def activate(self, toplevel: str) -> None:

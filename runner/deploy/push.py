@@ -30,7 +30,7 @@ import contextlib
 import json
 import time
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +81,7 @@ class PushResult:
     substitute_seconds: float = 0.0  # the host's own substitution (0 when skipped)
     paths_substituted: int = 0  # missing paths the host fetched from its own caches
     fetched: tuple[str, ...] = ()  # those paths (from its caches, or the run's --cache)
+    fetched_bytes: int | None = None  # their NAR bytes (None: not known here)
 
     def facts(self, *, closure: bool = True) -> tuple[Fact, ...]:
         """The report facts; without `closure_bytes` when the closure is not the system's."""
@@ -126,6 +127,15 @@ class Closure:
     paths: tuple[str, ...]  # dependencies first
     nar_bytes: int
     built_here: frozenset[str] | None  # outputs no cache can have (see cacheable); None: unknown
+    sizes: Mapping[str, int] = field(default_factory=dict)  # NAR size per path, when known
+
+    def size_of(self, paths: Sequence[str]) -> int | None:
+        """The NAR bytes of `paths` (of this closure); None when the sizes are not known."""
+        if not paths:
+            return 0
+        if not self.sizes:
+            return None
+        return sum(self.sizes.get(p, 0) for p in paths)
 
 
 def _infos(data: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -184,8 +194,8 @@ def _closure_from(root: str, infos: dict[str, dict[str, Any]]) -> Closure | None
                 seen.add(ref)
                 todo.append(ref)
     mine = [(p, infos[p]) for p in sorted(seen)]
-    total = sum(int(i["narSize"]) for _, i in mine)
-    return Closure(tuple(_dependencies_first(mine)), total, _built_here(mine))
+    sizes = {p: int(i["narSize"]) for p, i in mine}
+    return Closure(tuple(_dependencies_first(mine)), sum(sizes.values()), _built_here(mine), sizes)
 
 
 async def _path_infos(roots: Sequence[str], timeout: float) -> dict[str, dict[str, Any]]:
@@ -483,6 +493,7 @@ async def push_closure(
 
     def result(sent: Sequence[str], sent_bytes: int, seconds: float = 0.0) -> PushResult:
         pushed = set(sent)
+        fetched = tuple(p for p in lacking if p not in pushed)
         return PushResult(
             len(paths),
             len(sent),
@@ -491,7 +502,8 @@ async def push_closure(
             closure_bytes,
             seconds,
             len(lacking) - len(sent),
-            tuple(p for p in lacking if p not in pushed),
+            fetched,
+            info.size_of(fetched),
         )
 
     if not lacking:
