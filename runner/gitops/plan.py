@@ -352,8 +352,11 @@ async def _selected(hive: Hive, inputs: _Inputs) -> list[str]:
     return list(names) if selector is None else selector.matching(names, tags)
 
 
-async def _evaluate_side(hive: Hive, inputs: _Inputs) -> tuple[SideEval, EvalRun | None]:
-    chosen = _sharded(await _selected(hive, inputs), inputs)
+async def _evaluate_side(
+    hive: Hive, inputs: _Inputs, selected: list[str] | None = None
+) -> tuple[SideEval, EvalRun | None]:
+    """The side's selected nodes (`selected`, if already known), cut by the shard."""
+    chosen = _sharded(selected if selected is not None else await _selected(hive, inputs), inputs)
     if not chosen:
         return SideEval((), {}), None
     run = await evaluate(hive, chosen, inputs.settings)
@@ -550,10 +553,11 @@ async def _evaluate_sides(
         inputs, builders_note = await _with_builders(inputs, head_hive, base_commit, Path(tmp))
         if inputs.head_hive is None:
             head_hive = head_hive.with_flags(inputs.flags)
-        head_side, head_run = await _evaluate_side(head_hive, inputs)
+        selected = await _selected(head_hive, inputs)
+        head_side, head_run = await _evaluate_side(head_hive, inputs, selected)
         notes = [builders_note] if builders_note else []
         if inputs.shard is not None:
-            chosen = frozenset(await _selected(head_hive, inputs))
+            chosen = frozenset(selected)
             inputs = replace(inputs, head_chosen=chosen, head_mine=frozenset(head_side.names))
             notes.append(
                 f"shard {inputs.shard} ({SHARD_RULE}): {len(head_side.names)} of {len(chosen)}"
