@@ -314,20 +314,26 @@ def test_memory_stays_inside_a_small_budget_on_two_workers(tmp_path):
     assert run.peak_rss_total > 0
 
 
-COSTLY = """
+def dear_nodes_hive(count: int, dear: str, work: int) -> str:
+    """A hive of `count` nodes where those matching the Nix condition `dear` (on `i`) sum
+    `work` numbers while evaluating and the others 10."""
+    return f"""
 let
-  pkgs = import @NIXPKGS@ { };
+  pkgs = import @NIXPKGS@ {{ }};
   work = n: toString (builtins.foldl' builtins.add 0 (builtins.genList (x: x) n));
-  node = i: {
-    name = "node-${toString i}";
-    value = { name, ... }: {
+  node = i: {{
+    name = "node-${{toString i}}";
+    value = {{ name, ... }}: {{
       networking.hostName = name;
-      environment.etc."id".text = "node ${toString i} ${work (if i == 3 then 3000000 else 10)}\n";
-    };
-  };
+      environment.etc."id".text = "node ${{toString i}} ${{work (if {dear} then {work} else 10)}}\\n";
+    }};
+  }};
 in
-{ meta.nixpkgs = pkgs; } // builtins.listToAttrs (map node (builtins.genList (i: i + 1) 6))
+{{ meta.nixpkgs = pkgs; }} // builtins.listToAttrs (map node (builtins.genList (i: i + 1) {count}))
 """
+
+
+COSTLY = dear_nodes_hive(6, "i == 3", 3000000)
 
 
 def test_a_node_dearer_than_a_fresh_start_restarts_its_worker(tmp_path):
@@ -448,20 +454,7 @@ def test_builds_start_while_later_nodes_evaluate(tmp_path):
     assert build.started_at + build.seconds < last.stages[0].started_at + last.stages[0].seconds
 
 
-UNEVEN = """
-let
-  pkgs = import @NIXPKGS@ { };
-  work = n: toString (builtins.foldl' builtins.add 0 (builtins.genList (x: x) n));
-  node = i: {
-    name = "node-${toString i}";
-    value = { name, ... }: {
-      networking.hostName = name;
-      environment.etc."id".text = "node ${toString i} ${work (if i <= 4 then 1500000 else 10)}\\n";
-    };
-  };
-in
-{ meta.nixpkgs = pkgs; } // builtins.listToAttrs (map node (builtins.genList (i: i + 1) 8))
-"""
+UNEVEN = dear_nodes_hive(8, "i <= 4", 1500000)
 
 
 def test_an_idle_worker_steals_the_tail_of_a_slow_queue(tmp_path):
