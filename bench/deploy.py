@@ -96,7 +96,7 @@ def evaluate(hive: Path) -> dict[str, str]:
     expr = (
         f"let q = import {ROOT}/runner/hive/nix/query.nix "
         f"(import {ROOT}/runner/hive/nix/eval.nix {{ rawHive = import {hive}; }}); "
-        "in q.evalChunk q.nodeNames"
+        "in builtins.listToAttrs (map (n: { name = n; value = q.evalOne n; }) q.nodeNames)"
     )
     out = subprocess.run(
         ["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", "-E", expr],

@@ -39,7 +39,7 @@ HIVE = """
 """
 
 ONCE = Counter(dict.fromkeys(NAMES, 1))
-# `(...).evalChunk [ ... ]`, `.evalOne "x"`, `.evalQueue [ ... ]`: a node evaluation.
+# `(...).evalOne "x"`, `.evalQueue [ ... ]`: a node evaluation.
 _NODE_EVAL = re.compile(r"\)\.(eval[A-Z]\w*) (.*)\Z", re.DOTALL)
 
 

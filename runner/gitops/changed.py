@@ -66,19 +66,17 @@ async def select_changed(
     ssh: SshSettings,
     parallel: int,
     drift: bool = True,
-    head: str | None = None,
     shard: ShardSpec | None = None,
 ) -> ChangeSelection:
     plan = await compute_plan(
         hive_path,
         base,
-        head,
         selector=selector,
         ignore=ignore,
         cache_dir=cache_dir,
         flags=flags,
         eval_settings=eval_settings,
-        head_hive=hive if head is None else None,
+        head_hive=hive,  # head is the run's own hive: its evaluation feeds the run
         shard=shard,
     )
     evaluated = plan.head_evaluation

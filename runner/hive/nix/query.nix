@@ -3,7 +3,7 @@
 # evaluator, a flake's `colmenaHive` and the nixosConfigurations adapter.
 hive:
 let
-  inherit (builtins) attrNames listToAttrs map seq trace tryEval;
+  inherit (builtins) attrNames map seq trace tryEval;
   defaultMeta = { name = "hive"; description = "A Colmena Hive"; machinesFile = null; allowApplyAll = true; };
 in
 assert hive.__schema or null == "v0.5"
@@ -15,20 +15,6 @@ assert hive.__schema or null == "v0.5"
   metaConfig = defaultMeta // (hive.metaConfig or (builtins.intersectAttrs defaultMeta (hive.meta or { })));
 
   deployment = names: hive.deploymentConfigSelected names;
-
-  # Each named node's toplevel as one attribute set ({ error = true; } where
-  # tryEval caught a throw). Waggle's evaluator uses evalQueue below; this is
-  # kept for bench/deploy.py.
-  evalChunk = names:
-    let selected = hive.evalSelected names; in
-    listToAttrs (map (name:
-      let
-        t = selected.${name};
-        r = tryEval (seq t.drvPath { drv = t.drvPath; out = t.outPath; });
-      in {
-        inherit name;
-        value = seq r.success (trace "waggle-node-done ${name}" (if r.success then r.value else { error = true; }));
-      }) names);
 
   # Evaluates the named nodes one after another, in the list's order (a list
   # is forced element by element; an attribute set would go by name). After
