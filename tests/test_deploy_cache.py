@@ -171,3 +171,24 @@ def test_ci_builds_of_a_branch_that_does_not_deploy_are_never_uploaded(tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "build" in done.stderr.splitlines()[0], done.stderr
     assert cache.narinfos() == []
+
+
+def test_after_a_failed_upload_the_run_does_not_try_the_cache_again(tmp_path):
+    # Every later node would wait for the same dead cache: they push directly at once.
+    cache = BinaryCache.create(tmp_path / "cache").start()
+    url = cache.http_url
+    cache.stop()
+    a, b = build(tmp_path, "breaker-a"), build(tmp_path, "breaker-b")
+
+    async def main() -> tuple[CacheUploader, float]:
+        uploader = CacheUploader(CacheSettings(url, timeout=60))
+        first = await uploader.upload(a)
+        assert not first.ok
+        began = asyncio.get_running_loop().time()
+        second = await uploader.upload(b)
+        assert not second.ok and second.error == first.error
+        return uploader, asyncio.get_running_loop().time() - began
+
+    uploader, took = asyncio.run(main())
+    assert list(uploader.uploads) == [a]  # b was not tried
+    assert took < 0.5

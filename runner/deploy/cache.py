@@ -29,6 +29,11 @@ from runner.errors import UsageError
 from runner.results import NodeResult, Stage, Status
 
 COPY = ("nix", "--extra-experimental-features", "nix-command", "copy")
+# A cache that is down or never answers fails the upload in seconds, not at UPLOAD_TIMEOUT.
+NETWORK_LIMITS = (
+    *("--option", "connect-timeout", "5"),
+    *("--option", "stalled-download-timeout", "30"),
+)
 UPLOAD_TIMEOUT = 3600.0
 
 # Nix's binary cache stores print, per uploaded path:
@@ -134,9 +139,14 @@ class CacheUploader:
         return sum(u.paths for u in self.uploads.values())
 
     async def upload(self, root: str) -> Upload:
+        """`root`'s upload, once; after a failed one the cache is not tried again this run
+        (each later node would wait for the same dead cache): those nodes push directly."""
         async with self._lock:
             known = self.uploads.get(root)
             if known is None:
+                failed = next((u for u in self.uploads.values() if not u.ok), None)
+                if failed is not None:
+                    return Upload(root, 0, 0, 0.0, failed.error)
                 known = await upload_closure(root, self.settings)
                 self.uploads[root] = known
             return known
@@ -145,7 +155,7 @@ class CacheUploader:
 async def upload_closure(root: str, settings: CacheSettings) -> Upload:
     """`nix copy --to` the closure of `root`; what was copied, and how many bytes."""
     start = time.monotonic()
-    argv = [*COPY, "-v", "--to", settings.upload_url, root]
+    argv = [*COPY, "-v", *NETWORK_LIMITS, "--to", settings.upload_url, root]
     done = await process.run(argv, timeout=settings.timeout)
     seconds = time.monotonic() - start
     if not done.ok:
