@@ -242,34 +242,17 @@ async def closure_of(root: str, *, timeout: float = 300) -> Closure:
     return Closure(tuple(paths), await nix.closure_size(paths), None)
 
 
-async def cacheable(
-    paths: Sequence[str], *, timeout: float = 120, built_here: frozenset[str] | None = None
-) -> list[str]:
+def cacheable(paths: Sequence[str], built_here: frozenset[str] | None) -> list[str]:
     """The paths of `paths` a binary cache may have, in the given order.
 
     Left out: derivations (caches serve outputs), and outputs built on this machine that
-    are neither signed nor content-addressed (`nix path-info`: `ultimate`, no `signatures`,
-    no `ca`; `built_here` when known already, see `closure_of`). Substituted, imported,
-    added and fixed-output paths stay. If the local store cannot say (a Nix without
-    `path-info`), every output stays.
+    are neither signed nor content-addressed (`built_here`, from the closure's `nix
+    path-info`: `ultimate`, no `signatures`, no `ca`; see `closure_of`). Substituted,
+    imported, added and fixed-output paths stay. If the local store could not say
+    (`built_here` None: a Nix without `path-info`), every output stays.
     """
     outputs = [p for p in paths if not p.endswith(".drv")]
-    if not outputs:
-        return []
-    if built_here is not None:
-        return [p for p in outputs if p not in built_here]
-    try:
-        done = await process.run([*PATH_INFO, *outputs], timeout=timeout)
-    except OSError:  # e.g. an argument list too long for this system
-        return outputs
-    if not done.ok:
-        return outputs
-    try:
-        data: Any = json.loads(done.stdout)
-    except json.JSONDecodeError:
-        return outputs
-    here = _built_here(_infos(data))
-    return [p for p in outputs if p not in here]
+    return outputs if built_here is None else [p for p in outputs if p not in built_here]
 
 
 def _lines(paths: Sequence[str]) -> bytes:
@@ -445,16 +428,14 @@ def _check_import(
         raise PushError(f"nix-store --export did not end within {EXPORT_GRACE:g} s")
 
 
-async def _candidates(
+def _candidates(
     lacking: Sequence[str], info: Closure, *, substitute: bool, from_cache: bool
 ) -> list[str]:
-    """The paths the host is asked to substitute: all it lacks from the run's cache (but
-    derivations), else those a cache can have (`cacheable`), or none."""
+    """The paths the host is asked to substitute: every output it lacks when they are in
+    the run's cache, else those a cache can have (`cacheable`), or none."""
     if from_cache:
-        return [p for p in lacking if not p.endswith(".drv")]
-    if lacking and substitute:
-        return await cacheable(lacking, built_here=info.built_here)
-    return []
+        return cacheable(lacking, None)
+    return cacheable(lacking, info.built_here) if substitute else []
 
 
 async def push_closure(
@@ -489,7 +470,7 @@ async def push_closure(
         if missing is not None
         else await missing_paths(host, paths, timeout=remaining())
     )
-    candidates = await _candidates(lacking, info, substitute=substitute, from_cache=from_cache)
+    candidates = _candidates(lacking, info, substitute=substitute, from_cache=from_cache)
 
     def result(sent: Sequence[str], sent_bytes: int, seconds: float = 0.0) -> PushResult:
         pushed = set(sent)
