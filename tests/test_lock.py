@@ -586,3 +586,22 @@ def test_lock_sh_lets_go_when_the_heartbeat_stops(fleet, host):
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+@fleet_test
+def test_work_stops_as_soon_as_the_lock_is_lost(fleet, host):
+    # A push or key upload must not go on beside the run that took the host: the block is
+    # cancelled when the loss is found, not when it would have ended.
+    first, second = RunIdentity.new(), RunIdentity.new()
+
+    async def work(a: SshHost, b: SshHost) -> float:
+        began = time.monotonic()
+        with pytest.raises(HostLockLostError):
+            async with hold_lock(a, first, timeout=5, poll=0.5):
+                await a.close()
+                await until(lambda: host_lines(host) == [], 5, "the first lock to go")
+                async with hold_lock(b, second, timeout=5):
+                    await asyncio.sleep(60)  # the first run's work, going on
+        return time.monotonic() - began
+
+    assert on_hosts(fleet, 2, work) < 15

@@ -18,7 +18,7 @@ lock through:
 A holder that is gone (process dead, connection closed, host rebooted) counts as free, so
 no lock ever needs a human to remove a file. If the run's own channel ends while the block
 is still running (a reconnect, a reboot), the lock is taken again in the background; if
-another run got it in between, leaving the block raises HostLockLostError.
+another run got it in between, the block is cancelled at once and HostLockLostError raised.
 
 Only SSH hosts are locked: `apply-local` (LocalHost) and hosts of tests take no lock.
 """
@@ -285,9 +285,10 @@ class _HostLock:
             seen = holder
             await asyncio.sleep(min(self.poll, max(0.0, timeout - waited)))
 
-    async def keep(self) -> None:
+    async def keep(self, on_lost: Callable[[], object] = lambda: None) -> None:
         """While the block runs: when the run's channel ends (a reconnect, a reboot), take
-        the lock again (the run's activation may hold it meanwhile: joining is allowed)."""
+        the lock again (the run's activation may hold it meanwhile: joining is allowed);
+        if another run has it by then, record who and call `on_lost`."""
         while self.channel is not None and self.channel.task is not None:
             await asyncio.wait({self.channel.task})
             self.channel = None
@@ -299,6 +300,7 @@ class _HostLock:
                     continue  # e.g. rebooting: try again
                 if holder is not None:
                     self.lost = holder
+                    on_lost()
                     return
 
     async def release(self, keeper: asyncio.Task[None]) -> None:
@@ -329,17 +331,23 @@ async def hold_lock(
     Waits up to `timeout` s while another run holds the host (`on_wait` hears who, once
     per holder), then raises HostLockedError: "host locked by run <id> from <deployer>
     since <time>". Raises HostError when the host cannot be locked at all, and
-    HostLockLostError after the block when another run took the host meanwhile (see the
-    module doc). Hosts other than SshHost are not locked.
+    HostLockLostError when another run took the host meanwhile: the block is cancelled
+    at that moment (see the module doc). Hosts other than SshHost are not locked.
     """
     if not isinstance(host, SshHost):
         yield None
         return
     lock = _HostLock(host, owner, poll, heartbeat, idle)
     state = await lock.acquire(timeout, on_wait, query)
-    keeper = asyncio.create_task(lock.keep())
+    # Another run took the host: the block's work stops now (a push or key upload must not
+    # go on beside the other run's), not when it ends.
+    block = asyncio.current_task()
+    keeper = asyncio.create_task(lock.keep(block.cancel if block is not None else lambda: None))
     try:
         yield state
+    except asyncio.CancelledError:
+        if lock.lost is None or block is None or block.uncancel() > 0:
+            raise  # cancelled for another reason too (Ctrl-C, SIGTERM)
     finally:
         await lock.release(keeper)
     if lock.lost is not None:
