@@ -465,17 +465,19 @@ async def cmd_plan(ns: Namespace) -> int:
 
 
 async def cmd_ci(ns: Namespace) -> int:
-    reports, _ = _reports(ns)
+    reports, to_stdout = _reports(ns)
     request = rq.CiRequest(apply=replace(apply_request(ns, Goal.BUILD), changes=None),
                         ci_config=ns.ci_config, on=ns.on, reports=reports, comment=ns.comment,
                         cache_dir=ns.cache_dir, ignore=tuple(ns.ignore) if ns.ignore else None,
                         parallel_given=ns.parallel is not None,
                         max_failures_given=ns.max_failures is not None,
                         confirm_timeout_given=ns.confirm_timeout is not None)  # fmt: skip
-    printer = ci_app.CiPrinter(
+    debug = bool(_opt(ns, "debug"))
+    printer = ci_app.CiPrinter(  # a report asked for on stdout ('-') replaces the usual output
         mode=lambda line: print(line, file=sys.stderr, flush=True),
-        plan=print,
-        run=lambda s: console.print_summary(s, debug=bool(_opt(ns, "debug"))),
+        plan=lambda result, text: console.print_plan(result, text, to_stdout),
+        run=lambda s: console.print_summary(s, to_stdout, debug),
+        dry_run=lambda s: console.print_summary(s, debug=debug, err=to_stdout is not None),
     )
     outcome = await ci_app.run_ci(request, printer)
     for line in outcome.annotations:

@@ -182,7 +182,9 @@ def test_ci_deploys_with_a_request_of_its_own(monkeypatch, tmp_path):
     event.write_text(json.dumps({"before": "a" * 40, "repository": {"default_branch": "main"}}))
     env["GITHUB_EVENT_PATH"] = str(event)
     printed: list[str] = []
-    printer = ci_app.CiPrinter(printed.append, printed.append, lambda s: printed.append(s.goal))
+    printer = ci_app.CiPrinter(
+        printed.append, lambda _, text: printed.append(text), lambda s: printed.append(s.goal)
+    )
     request = CiRequest(apply=ApplyRequest(hive=HiveRef(cwd=tmp_path)))
     outcome = asyncio.run(ci_app.run_ci(request, printer, env))
     assert outcome.mode == "deploy" and outcome.ok

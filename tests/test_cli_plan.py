@@ -230,3 +230,81 @@ def test_plan_with_a_hive_outside_the_repo_is_one_line(tmp_path):
     (repo / "sub" / "hive.nix").symlink_to(outside)
     done = waggle("plan", "--base", "HEAD", cwd=repo / "sub")
     assert_clean_error(done, 2, str(repo / "sub" / "hive.nix"), str(outside), str(repo))
+
+
+# -- waggle ci: a report on stdout ('-') replaces the usual output --------------------------
+
+
+def _ci_env(**extra: str) -> dict[str, str]:
+    import os
+
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "CI" and not k.startswith(("GITHUB_", "GITLAB", "CI_", "DRONE"))
+    }
+    env.update(extra)
+    return env
+
+
+def _two_commits(tmp_path) -> tuple[str, str]:
+    write_hive(tmp_path, HIVE)
+    (tmp_path / "alpha.nix").write_text("{ }\n")
+    git(tmp_path, "init", "-q", "-b", "main")
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-qm", "first")
+    (tmp_path / "alpha.nix").write_text('{ environment.etc.x.text = "changed"; }\n')
+    git(tmp_path, "commit", "-qam", "second")
+    revs = subprocess.run(
+        ["git", "rev-list", "-2", "HEAD"], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.split()
+    return revs[1], revs[0]
+
+
+def _ci(tmp_path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "runner", "ci", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("flag", ["--report-json", "--junit", "--report-md"])
+def test_ci_sends_the_report_asked_for_with_a_dash_to_stdout(tmp_path, flag):
+    """Outside a CI service `waggle ci` builds; `-` put nothing on stdout before."""
+    _two_commits(tmp_path)
+    done = _ci(tmp_path, _ci_env(), "--on", "alpha", flag, "-")
+    assert done.returncode == 0, done.stdout + done.stderr
+    if flag == "--report-json":
+        report = json.loads(done.stdout)
+        assert report["run"]["goal"] == "build"
+        assert [n["name"] for n in report["nodes"]] == ["alpha"]
+    elif flag == "--junit":
+        assert done.stdout.startswith("<?xml") and 'name="alpha"' in done.stdout
+    else:
+        assert "alpha" in done.stdout and done.stdout.lstrip().startswith("#")
+    assert not (tmp_path / "-").exists()
+
+
+def test_ci_sends_the_plan_asked_for_with_a_dash_to_stdout(tmp_path):
+    base, head = _two_commits(tmp_path)
+    event = tmp_path / "event.json"
+    pr = {"number": 5, "base": {"sha": base, "repo": {"full_name": "acme/fleet"}},
+          "head": {"sha": head, "repo": {"full_name": "acme/fleet"}}}  # fmt: skip
+    event.write_text(json.dumps({"pull_request": pr, "repository": {"full_name": "acme/fleet"}}))
+    env = _ci_env(CI="true", GITHUB_ACTIONS="true", GITHUB_EVENT_NAME="pull_request",
+                  GITHUB_EVENT_PATH=str(event), GITHUB_SHA=head, GITHUB_REF_NAME="5/merge",
+                  GITHUB_REPOSITORY="acme/fleet")  # fmt: skip
+    done = _ci(tmp_path, env, "--report-json", "-")
+    assert done.returncode == 0, done.stdout + done.stderr
+    plan = json.loads(done.stdout)
+    assert {n["name"]: n["kind"] for n in plan["nodes"]} == {
+        "alpha": "changed",
+        "beta": "unchanged",
+    }

@@ -54,8 +54,9 @@ class CiPrinter:
     """Where `run_ci` says what it does while it runs (the CLI prints)."""
 
     mode: Callable[[str], None]
-    plan: Callable[[str], None]
-    run: Callable[[RunSummary], None]
+    plan: Callable[[Plan, str], None]  # the plan and its markdown
+    run: Callable[[RunSummary], None]  # the deploy or build run
+    dry_run: Callable[[RunSummary], None] | None = None  # a PR's dry activation (else `run`)
 
 
 def settings_for(
@@ -231,7 +232,7 @@ async def _plan(
     result = trust.decide_dry_activation(planned_run, policy)
     result = replace(result, notes=(*result.notes, *settings.notes))
     text = write_plan_reports(result, request.reports)
-    printer.plan(text)
+    printer.plan(result, text)
     if config.comment and request.shard is not None:  # each shard would replace the others'
         log.warning("plan comment not posted: shard %s plans only part of the nodes", request.shard)
     elif config.comment:
@@ -243,7 +244,7 @@ async def _plan(
     if planned:
         # Show on the hosts what activation would change; nothing is switched.
         dry = await dry_activate_pr(request, planned, result)
-        printer.run(dry)
+        (printer.dry_run or printer.run)(dry)
         failed += ci.failed_nodes(dry)
         ok, runs = dry.ok, (dry,)
     return CiOutcome("plan", ok, plan=result, runs=runs, failed=tuple(failed))

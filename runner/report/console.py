@@ -20,18 +20,20 @@ def lines(items: Sequence[str], *, err: bool = False) -> None:
         print(line, file=sys.stderr if err else sys.stdout, flush=True)
 
 
-def print_summary(summary: RunSummary, to_stdout: str | None = None, debug: bool = False) -> None:
-    """A run's result on stdout (one line per node, or the report asked for with '-');
-    with --debug, the tracebacks of internal errors on stderr."""
+def print_summary(
+    summary: RunSummary, to_stdout: str | None = None, debug: bool = False, err: bool = False
+) -> None:
+    """A run's result on stdout (one line per node, or the report asked for with '-'; the
+    node lines on stderr with `err`); with --debug, internal errors' tracebacks on stderr."""
     if to_stdout is not None:
         render = {"junit": junit.junit_xml, "markdown": markdown.markdown,
                   "json": jsonreport.dumps}[to_stdout]  # fmt: skip
         print(render(summary))
     elif summary.goal == str(Goal.BUILD):
-        lines(text.built_lines(summary.nodes))
+        lines(text.built_lines(summary.nodes), err=err)
         lines([f"waggle: {line}" for line in text.build_failure_lines(summary.nodes)], err=True)
     else:
-        lines(text.deployed_lines(summary.nodes))
+        lines(text.deployed_lines(summary.nodes), err=err)
     if debug:
         lines([f"waggle: {line}" for line in text.internal_error_lines(summary.nodes)], err=True)
 
