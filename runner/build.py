@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner import nix, process
+from runner import nix
 from runner.errors import NixError, failure_text
 from runner.evaluate import EvalRun, EvalSettings, NodeEval, evaluate
 from runner.events import Emitter, Sink, discard
@@ -91,10 +91,10 @@ class _Validity:
         await asyncio.sleep(0)  # let the rest of the batch ask first
         while self._pending:
             batch, self._pending = self._pending, {}
-            done = await process.run(
-                ["nix-store", "--check-validity", "--print-invalid", *batch], timeout=120
-            )
-            invalid = set(done.stdout.split()) if done.ok else set(batch)
+            try:
+                invalid = await nix.invalid(list(batch), timeout=120)
+            except NixError:
+                invalid = frozenset(batch)
             for path, future in batch.items():
                 if not future.done():
                     future.set_result(path not in invalid)

@@ -234,6 +234,16 @@ async def valid(paths: Sequence[str], *, timeout: float = 60) -> bool:
     return done.ok
 
 
+async def invalid(paths: Sequence[str], *, timeout: float = 120) -> frozenset[str]:
+    """The paths of `paths` that are not valid in the local store
+    (`nix-store --check-validity --print-invalid`); NixError when Nix cannot say."""
+    argv = ["nix-store", "--check-validity", "--print-invalid", *paths]
+    done = await process.run(argv, timeout=timeout)
+    if not done.ok:
+        raise _failure("checking the validity of store paths", done, timeout)
+    return frozenset(done.stdout.split())
+
+
 async def closure(path: str, *, timeout: float = 300) -> list[str]:
     """`nix-store --query --requisites`: the closure, dependencies first."""
     done = await process.run(["nix-store", "--query", "--requisites", path], timeout=timeout)

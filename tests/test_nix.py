@@ -86,3 +86,24 @@ def test_builders_replace_the_machines_file():
     assert flags.store_args() == ["--option", "builders", "ssh://b x86_64-linux"]
     assert NixFlags(machines_file="/m", builders="").store_args() == ["--option", "builders", ""]
     assert NixFlags(machines_file="/m").store_args() == ["--option", "builders", "@/m"]
+
+
+MISSING = "/nix/store/" + "0" * 32 + "-waggle-missing"
+
+
+def store_file(name: str, text: str = "x") -> str:
+    """A real path in the local store (`builtins.toFile`)."""
+    expr = f"builtins.toFile {nix_string(name)} {nix_string(text)}"
+    path: str = asyncio.run(nix.eval_json(expr, NixFlags(), read_write=True)).value
+    return path
+
+
+def test_invalid_names_the_paths_the_local_store_lacks():
+    path = store_file("waggle-invalid")
+    assert asyncio.run(nix.invalid([path, MISSING])) == {MISSING}
+    assert asyncio.run(nix.invalid([path])) == frozenset()
+
+
+def test_invalid_raises_when_nix_cannot_say():
+    with pytest.raises(NixError, match="checking the validity"):
+        asyncio.run(nix.invalid(["/not/a/store/path"]))
