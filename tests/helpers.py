@@ -28,3 +28,15 @@ def assert_clean_error(done: subprocess.CompletedProcess[str], code: int, *needl
     assert first, done.stderr
     for needle in needles:
         assert needle in done.stderr, (needle, done.stderr)
+
+
+def documented_report_fields() -> list[str]:
+    """The field paths of README.md's `--report-json` table, e.g. `nodes[].stages[].facts`."""
+    import re
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = text.index("`--report-json PATH`")
+    table = text[start:].split("\n\n", 2)[1]
+    fields = re.findall(r"^\| `([^`]+)` \|", table, re.MULTILINE)
+    assert "nodes[].stages[].facts" in fields, table
+    return fields

@@ -35,7 +35,7 @@ from runner.deploy.push import PushError, closure_of, push_closure
 from runner.hosts.ssh import SshHost, SshSettings, SshTarget
 from tests.conftest import ROOT, needs_fleet, write_hive
 from tests.fleet import Fleet, TestHost, free_first_octet
-from tests.helpers import waggle
+from tests.helpers import documented_report_fields, waggle
 
 pytestmark = needs_fleet()
 
@@ -485,16 +485,6 @@ PUSH_FACTS = (
 )
 
 
-def documented_fields() -> list[str]:
-    """The field paths of README.md's `--report-json` table, e.g. `nodes[].stages[].facts`."""
-    text = (ROOT / "README.md").read_text()
-    start = text.index("`--report-json PATH`")
-    table = text[start:].split("\n\n", 2)[1]
-    fields = re.findall(r"^\| `([^`]+)` \|", table, re.MULTILINE)
-    assert "nodes[].stages[].facts" in fields, table
-    return fields
-
-
 def lookup(data: Any, field: str) -> list[Any]:
     """Every value at `field` ("a.b", "a[].b"); fails if one step is missing."""
     values = [data]
@@ -520,7 +510,7 @@ def test_json_report_carries_every_documented_field(fleet, hive):
     )
     done, report, _ = apply(hive, fleet, "switch", timeout=120)
     assert done.returncode == 0, (done.stdout, done.stderr)
-    for field in documented_fields():
+    for field in documented_report_fields():
         values = lookup(report, field)
         assert field.count("[]") or len(values) == 1, field
     assert set(report["run"]["counts"]) == {

@@ -25,6 +25,7 @@ from runner.report.markdown import (
     write_step_summary,
 )
 from runner.results import NodeResult, RunSummary, Stage, StageResult, Status
+from tests import helpers
 
 STAGES = (Stage.EVAL, Stage.BUILD, Stage.PUSH, Stage.KEYS, Stage.ACTIVATE)
 T0 = 1_735_732_800.0  # 2025-01-01T12:00:00Z
@@ -642,3 +643,32 @@ def test_json_round_trip(tmp_path: Path):
     path = tmp_path / "report.json"
     write_json(summary, path)
     assert json.loads(path.read_text(encoding="utf-8"))["nodes"][-1]["name"] == "bad"
+
+
+def _field_paths(data: Any, prefix: str = "") -> set[str]:
+    """Every field path of a JSON document ("a.b", "a[].b"), not inside the open objects."""
+    paths: set[str] = set()
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        paths.add(path)
+        if isinstance(value, list):
+            for item in value:
+                if isinstance(item, dict):
+                    paths |= _field_paths(item, f"{path}[].")
+        elif isinstance(value, dict) and key not in {"facts", "counts", "shard"}:
+            paths |= _field_paths(value, f"{path}.")
+    return paths
+
+
+def test_every_json_field_is_documented_in_the_readme_and_every_documented_one_written():
+    from runner.shard import ShardSpec
+
+    summary = fleet()
+    nodes = list(summary.nodes)
+    nodes[0] = replace(nodes[0], wave=1)
+    summary = replace(summary, nodes=tuple(nodes), shard=ShardSpec(1, 2))
+    written = _field_paths(report_json(summary))
+    documented = set(helpers.documented_report_fields())
+    documented_objects = {f.rsplit(".", 1)[0] for f in documented if "." in f}
+    assert written - documented - documented_objects == set()
+    assert documented - written == set()

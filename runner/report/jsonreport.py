@@ -6,49 +6,9 @@ string went through `clean_text` (no ANSI escapes, no control characters other t
 newline, no undecodable bytes). A new field may appear within `waggle.report/1`; removing or
 changing the meaning of one bumps the version.
 
-| Field | Type | Meaning |
-| --- | --- | --- |
-| `schema` | string | `"waggle.report/1"` |
-| `run.command` | string | the waggle command, e.g. `"apply switch"`, `"build"` |
-| `run.goal` | string | `"build"`, `"push"`, `"switch"`, `"boot"`, `"test"`, ... |
-| `run.hive` | string | the hive's path or flake reference |
-| `run.commit` | string or null | the hive's git commit, when known |
-| `run.started_at` | string | when the run started |
-| `run.seconds` | number | how long the run took |
-| `run.stages` | array of string | the stages of the run, in order (`eval`, `build`, `push`, `keys`, `activate`, `confirm`, `post-keys`) |
-| `run.ok` | boolean | no selected node failed, and none was left unreached by `--waves`' failure budget |
-| `run.counts` | object | `nodes` (selected), `ok`, `failed`, `unchanged`, `skipped`, `not_selected`: integers |
-| `run.shard` | object or null | with `--shard K/N`: `index` (K), `total` (N), `rule` (`"waggle.shard/1"`) and `selected` (every node `--on` selected, all shards', in selection order); `nodes` then holds this shard's nodes only and `not_selected` no other shard's |
-| `run.cache_bytes_uploaded` | integer or null | with `--cache`: bytes uploaded to the binary cache by this run (the push stages' `cache_upload_bytes`); null without |
-| `nodes` | array of object | the selected nodes, in selection order |
-| `nodes[].name` | string | the node's name |
-| `nodes[].status` | string | `ok`, `failed`, `unchanged` (activation skipped: the host already runs this system) or `skipped` (only skipped stages) |
-| `nodes[].failed_stage` | string or null | the first stage that failed |
-| `nodes[].drv_path` | string or null | the system's derivation, once evaluated |
-| `nodes[].out_path` | string or null | the system's store path, once evaluated |
-| `nodes[].not_reached` | boolean | its rollout wave never started (or, in a merged report, its shard sent no report); its status is `skipped` |
-| `nodes[].reason` | string | why the node was deployed with `--changed-since`/`waggle ci`: `changed`, `added`, `drift: ...`; empty otherwise |
-| `nodes[].stages` | array of object | the stages the node went through, in the order they ran; stages it never reached are absent |
-| `nodes[].stages[].stage` | string | the stage |
-| `nodes[].stages[].status` | string | `ok`, `failed` or `skipped` |
-| `nodes[].stages[].seconds` | number | how long it took |
-| `nodes[].stages[].message` | string | a one-line outcome, or the skip reason (`"unchanged"`, `"no targetHost"`) |
-| `nodes[].stages[].started_at` | string or null | when it started, if known |
-| `nodes[].stages[].facts` | object | measured facts: string to number or string (below) |
-| `nodes[].stages[].log_tail` | string or null | the last 50 lines of the stage's log or error detail |
-| `not_selected` | array of string | the hive's nodes left out by `--on` |
-
-Facts of an ok `push` stage: `paths_total` (paths in the system's closure), `paths_sent`,
-`bytes_sent` (of the `nix-store --export` stream), `closure_bytes` (NAR size of the closure),
-`substitute_seconds` (the host's own substitution of missing paths, 0 when it was skipped) and
-`paths_substituted` (missing paths the host fetched from its own caches). A `build` stage on
-the target has the same facts for the pushed `.drv` closure, without `closure_bytes`; a local
-`build` that found the system already built has `already_built` = 1. With `--cache` a `push`
-also has `cache` (`used`, or `fallback: ...` saying why some or all paths were sent
-directly), `cache_upload_paths` and `cache_upload_bytes` (what this node's upload added to the
-cache: 0 when the nodes before it had uploaded everything), `paths_from_cache` and
-`bytes_from_cache` (NAR bytes the host fetched through its substituters, the cache among
-them). Failed stages have none.
+The fields and the facts of each stage are documented once, in README.md ("Progress and
+reports", the `--report-json` table); tests/test_report.py checks that every field this
+module writes is in that table and every field of the table is written.
 """
 
 from __future__ import annotations
