@@ -16,7 +16,6 @@ import contextlib
 import http.server
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
