@@ -244,6 +244,60 @@ async def invalid(paths: Sequence[str], *, timeout: float = 120) -> frozenset[st
     return frozenset(done.stdout.split())
 
 
+PATH_INFO = ("nix", "--extra-experimental-features", "nix-command", "path-info", "--json")
+
+
+@dataclass(frozen=True)
+class PathInfo:
+    """One store path's record in `nix path-info --json`."""
+
+    path: str
+    nar_size: int | None  # None: not said
+    references: tuple[str, ...] = ()
+    ultimate: bool = False  # built in this store (not substituted, imported or added)
+    signatures: tuple[str, ...] = ()
+    ca: str | None = None  # its content address, if it has one
+
+
+def path_infos_of(data: Any) -> dict[str, PathInfo]:
+    """The records of `nix path-info --json`'s output, valid paths only: a list of objects
+    with "path" (Nix 2.8; `"valid": false` for an invalid path), or an object keyed by path
+    (later Nix; null for an invalid path)."""
+    if isinstance(data, dict):
+        items = list(data.items())
+    else:
+        items = [(i.get("path") if isinstance(i, dict) else None, i) for i in data]
+    found: dict[str, PathInfo] = {}
+    for path, info in items:
+        if not isinstance(path, str) or not isinstance(info, dict) or info.get("valid") is False:
+            continue
+        size = info.get("narSize")
+        found[path] = PathInfo(
+            path,
+            size if isinstance(size, int) else None,
+            tuple(r for r in info.get("references") or () if isinstance(r, str)),
+            bool(info.get("ultimate")),
+            tuple(str(s) for s in info.get("signatures") or ()),
+            str(info["ca"]) if info.get("ca") else None,
+        )
+    return found
+
+
+async def path_info(
+    paths: Sequence[str], *, recursive: bool = False, timeout: float = 300
+) -> dict[str, PathInfo]:
+    """`nix path-info --json` of `paths` (with `recursive`, of their closures), by path;
+    NixError when Nix fails or prints no JSON."""
+    argv = [*PATH_INFO, *(["--recursive"] if recursive else []), *paths]
+    done = await process.run(argv, timeout=timeout)
+    if not done.ok:
+        raise _failure("querying path info", done, timeout)
+    try:
+        return path_infos_of(json.loads(done.stdout))
+    except json.JSONDecodeError as e:
+        raise NixError(f"nix path-info printed invalid JSON: {e}") from e
+
+
 async def closure(path: str, *, timeout: float = 300) -> list[str]:
     """`nix-store --query --requisites`: the closure, dependencies first."""
     done = await process.run(["nix-store", "--query", "--requisites", path], timeout=timeout)

@@ -107,3 +107,34 @@ def test_invalid_names_the_paths_the_local_store_lacks():
 def test_invalid_raises_when_nix_cannot_say():
     with pytest.raises(NixError, match="checking the validity"):
         asyncio.run(nix.invalid(["/not/a/store/path"]))
+
+
+def test_path_info_of_a_closure_with_its_references_and_sizes():
+    leaf = store_file("waggle-leaf", "leaf")
+    expr = 'builtins.toFile "waggle-top" "uses ${builtins.toFile "waggle-leaf" "leaf"}"'
+    top: str = asyncio.run(nix.eval_json(expr, NixFlags(), read_write=True)).value
+    infos = asyncio.run(nix.path_info([top], recursive=True))
+    assert set(infos) == {top, leaf}
+    assert infos[top].references == (leaf,) and infos[leaf].references == ()
+    for path, info in infos.items():
+        assert info.path == path and info.nar_size is not None and info.nar_size > 0
+        assert info.ca is None or info.ca.startswith(("text:", "fixed:"))  # toFile: text
+    alone = asyncio.run(nix.path_info([top]))
+    assert set(alone) == {top} and alone[top] == infos[top]
+
+
+def test_path_info_fails_for_what_is_not_a_store_path():
+    with pytest.raises(NixError, match="querying path info"):
+        asyncio.run(nix.path_info(["/not/a/store/path"]))
+
+
+def test_path_infos_of_both_json_shapes():
+    record = {"narSize": 8, "references": ["/nix/store/b"], "ultimate": True, "signatures": []}
+    gone = {"path": "/nix/store/gone", "valid": False}  # Nix 2.8: a path the store lacks
+    old = nix.path_infos_of([{"path": "/nix/store/a", **record}, gone, "junk"])
+    new = nix.path_infos_of({"/nix/store/a": record, "/nix/store/gone": None})
+    assert old == new == {"/nix/store/a": nix.PathInfo("/nix/store/a", 8, ("/nix/store/b",), True)}
+    signed = nix.path_infos_of({"/nix/store/s": {"signatures": ["k:x"], "ca": "fixed:r:sha256:1"}})
+    assert signed["/nix/store/s"] == nix.PathInfo(
+        "/nix/store/s", None, (), False, ("k:x",), "fixed:r:sha256:1"
+    )

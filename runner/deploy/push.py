@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -35,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runner import nix, process
-from runner.errors import WaggleError
+from runner.errors import NixError, WaggleError
 from runner.hosts import DuplexHost, Host, RemoteResult, duplex
 from runner.scripts import script
 
@@ -54,8 +53,6 @@ SUBSTITUTE_OPTIONS = (
 )
 
 IMPORT_SCRIPT = script("push-import.sh")  # sh -c IMPORT sh LIMIT GRACE BYTES MORE [OPTION...]
-
-PATH_INFO = ("nix", "--extra-experimental-features", "nix-command", "path-info", "--json")
 
 KILL_GRACE = 3
 """Seconds the host's `timeout` waits after SIGTERM before it sends SIGKILL."""
@@ -138,22 +135,13 @@ class Closure:
         return sum(self.sizes.get(p, 0) for p in paths)
 
 
-def _infos(data: Any) -> list[tuple[str, dict[str, Any]]]:
-    """`nix path-info --json`: a list of objects with "path" (Nix 2.8), or an object keyed
-    by path (later Nix)."""
-    items = data.items() if isinstance(data, dict) else ((i.get("path"), i) for i in data)
-    return [(p, i) for p, i in items if isinstance(p, str) and isinstance(i, dict)]
+def _built_here(infos: Sequence[nix.PathInfo]) -> frozenset[str]:
+    return frozenset(i.path for i in infos if i.ultimate and not i.signatures and not i.ca)
 
 
-def _built_here(infos: Sequence[tuple[str, dict[str, Any]]]) -> frozenset[str]:
-    return frozenset(
-        p for p, i in infos if i.get("ultimate") and not i.get("signatures") and not i.get("ca")
-    )
-
-
-def _dependencies_first(infos: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+def _dependencies_first(infos: Sequence[nix.PathInfo]) -> list[str]:
     """The paths ordered so that every path comes after the paths it refers to."""
-    refs = {p: [r for r in i.get("references") or () if r != p] for p, i in infos}
+    refs = {i.path: [r for r in i.references if r != i.path] for i in infos}
     ordered: list[str] = []
     state: dict[str, bool] = {}  # False: being visited, True: placed
     for top in sorted(refs):
@@ -182,28 +170,27 @@ _BATCHES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio
 )
 
 
-def _closure_from(root: str, infos: dict[str, dict[str, Any]]) -> Closure | None:
+def _closure_from(root: str, infos: Mapping[str, nix.PathInfo]) -> Closure | None:
     """`root`'s closure out of path-info records that hold it (None: some are missing)."""
     seen, todo = {root}, [root]
+    sizes: dict[str, int] = {}
     while todo:
         info = infos.get(todo.pop())
-        if info is None or not isinstance(info.get("narSize"), int):
+        if info is None or info.nar_size is None:
             return None
-        for ref in info.get("references") or ():
+        sizes[info.path] = info.nar_size
+        for ref in info.references:
             if ref not in seen:
                 seen.add(ref)
                 todo.append(ref)
-    mine = [(p, infos[p]) for p in sorted(seen)]
-    sizes = {p: int(i["narSize"]) for p, i in mine}
+    mine = [infos[p] for p in sorted(seen)]
     return Closure(tuple(_dependencies_first(mine)), sum(sizes.values()), _built_here(mine), sizes)
 
 
-async def _path_infos(roots: Sequence[str], timeout: float) -> dict[str, dict[str, Any]]:
+async def _path_infos(roots: Sequence[str], timeout: float) -> dict[str, nix.PathInfo]:
     """The path-info records of the closures of `roots` ({} when path-info cannot say)."""
-    with contextlib.suppress(OSError, json.JSONDecodeError):
-        done = await process.run([*PATH_INFO, "--recursive", *roots], timeout=timeout)
-        if done.ok:
-            return dict(_infos(json.loads(done.stdout)))
+    with contextlib.suppress(OSError, NixError):
+        return await nix.path_info(roots, recursive=True, timeout=timeout)
     return {}
 
 
