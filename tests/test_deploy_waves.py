@@ -103,12 +103,12 @@ def test_bad_wave_specs_are_one_line_errors(spec, needle):
 
 
 def test_failure_budget_counts_or_shares_of_the_wave_rounded_down():
-    assert waves.parse_budget("0").allowed(10) == 0
-    assert waves.parse_budget("2").allowed(1) == 2
-    assert waves.parse_budget("10%").allowed(9) == 0
-    assert waves.parse_budget("10%").allowed(10) == 1
-    assert waves.parse_budget("50%").allowed(5) == 2
-    assert waves.parse_budget("100%").allowed(7) == 7
+    assert waves.parse_budget("0").of(10) == 0
+    assert waves.parse_budget("2").of(1) == 2
+    assert waves.parse_budget("10%").of(9) == 0
+    assert waves.parse_budget("10%").of(10) == 1
+    assert waves.parse_budget("50%").of(5) == 2
+    assert waves.parse_budget("100%").of(7) == 7
     for bad in ("x", "-1", "101%", "", "1.5", "%"):
         with pytest.raises(waves.SpecError):
             waves.parse_budget(bad)

@@ -55,17 +55,20 @@ class SpecError(ValueError):
 
 
 @dataclass(frozen=True)
-class Reach:
-    """One entry of the spec: N nodes (`count`) or a share of them (`share`, 0 < s <= 1)."""
+class Share:
+    """N nodes (`count`) or a share of them (`share`, 0 <= s <= 1): an entry of the spec
+    (shares rounded up, `round_up`) or the failure budget (rounded down)."""
 
     text: str
+    round_up: bool
     count: int | None = None
     share: Fraction | None = None
 
-    def nodes(self, total: int) -> int:
-        """How many of `total` nodes this entry reaches (shares rounded up), unclamped."""
+    def of(self, total: int) -> int:
+        """How many of `total` nodes this is (the share rounded as set), unclamped."""
         if self.share is not None:
-            return math.ceil(self.share * total)
+            exact = self.share * total
+            return math.ceil(exact) if self.round_up else math.floor(exact)
         assert self.count is not None
         return self.count
 
@@ -80,22 +83,22 @@ def _entries(entries: Sequence[str]) -> list[str]:
     return out
 
 
-def parse_waves(entries: Sequence[str]) -> tuple[Reach, ...]:
+def parse_waves(entries: Sequence[str]) -> tuple[Share, ...]:
     """The spec's entries, checked (see the module doc); raises SpecError."""
     texts = _entries(entries)
     if not texts:
         raise SpecError("no waves given")
-    parsed: list[Reach] = []
-    last: dict[bool, tuple[int, Reach]] = {}  # by kind (share?): the previous entry
+    parsed: list[Share] = []
+    last: dict[bool, tuple[int, Share]] = {}  # by kind (share?): the previous entry
     for position, text in enumerate(texts, start=1):
         share = _SHARE.fullmatch(text)
         if share is not None:
             value = Fraction(share.group(1)) / 100
             if not 0 < value <= 1:
                 raise SpecError(f"entry {position} ({text!r}) must be a share above 0% up to 100%")
-            reach = Reach(text, share=value)
+            reach = Share(text, True, share=value)
         elif _COUNT.fullmatch(text) is not None and int(text) >= 1:
-            reach = Reach(text, count=int(text))
+            reach = Share(text, True, count=int(text))
         else:
             raise SpecError(
                 f"entry {position} ({text!r}) is not a node count N (1 or more) or a share P%"
@@ -114,48 +117,33 @@ def parse_waves(entries: Sequence[str]) -> tuple[Reach, ...]:
     return tuple(parsed)
 
 
-def _size(reach: Reach) -> Fraction:
+def _size(reach: Share) -> Fraction:
     return reach.share if reach.share is not None else Fraction(reach.count or 0)
 
 
-def wave_sizes(spec: Sequence[Reach], total: int) -> list[int]:
+def wave_sizes(spec: Sequence[Share], total: int) -> list[int]:
     """How many nodes each wave has, for `total` nodes (empty waves dropped)."""
     sizes: list[int] = []
     reached = 0
     for reach in spec:
         if reached >= total:
             break
-        target = min(total, max(reach.nodes(total), reached + 1))
+        target = min(total, max(reach.of(total), reached + 1))
         sizes.append(target - reached)
         reached = target
     return sizes
 
 
-@dataclass(frozen=True)
-class Budget:
-    """`--max-failures`: N failed nodes, or a share of the wave's nodes (rounded down)."""
-
-    text: str
-    count: int | None = None
-    share: Fraction | None = None
-
-    def allowed(self, size: int) -> int:
-        if self.share is not None:
-            return math.floor(self.share * size)
-        assert self.count is not None
-        return self.count
-
-
-def parse_budget(text: str) -> Budget:
+def parse_budget(text: str) -> Share:
     """`N` (0 or more) or `P%` (0 to 100); raises SpecError."""
     text = str(text).strip()
     share = _SHARE.fullmatch(text)
     if share is not None:
         value = Fraction(share.group(1)) / 100
         if value <= 1:
-            return Budget(text, share=value)
+            return Share(text, False, share=value)
     elif _COUNT.fullmatch(text) is not None:
-        return Budget(text, count=int(text))
+        return Share(text, False, count=int(text))
     raise SpecError("must be a number of failed nodes N (0 or more) or a share P% of the wave")
 
 
@@ -188,8 +176,8 @@ def order_nodes(
 class Rollout:
     """The checked wave settings of a run."""
 
-    spec: tuple[Reach, ...]
-    budget: Budget
+    spec: tuple[Share, ...]
+    budget: Share
     order: tuple[Rule, ...]
 
     @classmethod
@@ -229,7 +217,7 @@ class WaveGate:
     otherwise every later wave is closed for good with the reason."""
 
     waves: tuple[tuple[str, ...], ...]
-    budget: Budget
+    budget: Share
     emit: Emitter = field(default_factory=Emitter)
     _wave: dict[str, int] = field(default_factory=dict)
     _outcome: dict[str, bool] = field(default_factory=dict)
@@ -303,7 +291,7 @@ class WaveGate:
             if any(n not in self._outcome for n in wave):
                 return
             failed = sum(not self._outcome[n] for n in wave)
-            allowed = self.budget.allowed(len(wave))
+            allowed = self.budget.of(len(wave))
             if failed > allowed:
                 reason = f"not reached: wave {c + 1} exceeded the failure budget ({failed} failed)"
                 for j in range(c + 1, len(self.waves)):
