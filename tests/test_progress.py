@@ -953,3 +953,35 @@ def test_live_view_in_a_terminal_with_more_nodes_than_rows(tmux):
 
 if __name__ == "__main__":
     drive(sys.argv[1], Path(sys.argv[2]))
+
+
+def test_live_view_says_which_wave_runs():
+    """The wave gate's messages are what the live view shows for each node: the canary's
+    wave, the others waiting for it, then their wave starting."""
+    import asyncio
+
+    from runner.deploy import waves
+    from runner.events import Emitter
+
+    events: list[Event] = [Event(n, EventKind.QUEUED, time=T0) for n in ("canary", "web1", "web2")]
+    gate = waves.WaveGate(
+        (("canary",), ("web1", "web2")), waves.parse_budget("0"), Emitter(events.append)
+    )
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        entered = [asyncio.create_task(gate.enter(n)) for n in ("canary", "web1", "web2")]
+        await asyncio.sleep(0)
+        before = render_live(
+            ViewState.of(events, T0), now=T0 + 1, width=100, height=24, color=False
+        )
+        gate.record("canary", True)
+        assert await asyncio.wait_for(asyncio.gather(*entered), 5) == [None, None, None]
+        after = render_live(ViewState.of(events, T0), now=T0 + 2, width=100, height=24, color=False)
+        return before, after
+
+    before, after = asyncio.run(scenario())
+    assert before[0].startswith("canary") and before[0].endswith("wave 1 of 2 (1 node)"), before
+    for line in before[1:3]:
+        assert line.endswith("wave 2 of 2: waiting for wave 1"), before
+    for line in after[1:3]:
+        assert "wave 2 of 2 started (2 nodes; wave 1: 0 failed, 0 allowed)" in line, after
