@@ -1,8 +1,10 @@
 """Progress output of a run: a live terminal view, or a plain log for CI and pipes.
 
-    with choose_output(sys.stderr, plain=ns.plain or ns.verbose, color=ns.color,
+    with choose_output(sys.stderr, plain=view.plain, color=view.color,
                        env=os.environ, names=selection.names) as output:
         run = await deploy(..., events=output)
+
+(`view` is the request's `View`; see `runner.app.run.progress`.)
 
 Both outputs are Sinks fed by the pipeline's events; renderers are pure functions
 of a `ViewState` (folded from events) and a clock, see `render`.
