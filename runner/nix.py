@@ -7,6 +7,7 @@ Every function takes `NixFlags` (the user's --show-trace, --impure,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from collections.abc import Sequence
@@ -296,6 +297,12 @@ async def path_info(
         return path_infos_of(json.loads(done.stdout))
     except json.JSONDecodeError as e:
         raise NixError(f"nix path-info printed invalid JSON: {e}") from e
+
+
+def export(paths: Sequence[str]) -> contextlib.AbstractAsyncContextManager[process.Reading]:
+    """`nix-store --export` of `paths`, its stdout a stream to read within the block
+    (`process.reading`: an exporter that has not ended when the block is left is killed)."""
+    return process.reading(["nix-store", "--export", *paths])
 
 
 async def closure(path: str, *, timeout: float = 300) -> list[str]:

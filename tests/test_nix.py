@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
 
 import pytest
 
@@ -138,3 +140,41 @@ def test_path_infos_of_both_json_shapes():
     assert signed["/nix/store/s"] == nix.PathInfo(
         "/nix/store/s", None, (), False, ("k:x",), "fixed:r:sha256:1"
     )
+
+
+def test_export_streams_what_nix_store_import_takes():
+    path = store_file("waggle-export", "exported")
+
+    async def export() -> tuple[bytes, tuple[int, str]]:
+        async with nix.export([path]) as exporter:
+            data = await exporter.stdout.read()
+            return data, await exporter.wait(timeout=30)
+
+    data, (status, _) = asyncio.run(export())
+    assert status == 0 and b"exported" in data
+    imported = subprocess.run(
+        ["nix-store", "--import"], input=data, capture_output=True, check=True, timeout=60
+    )
+    assert imported.stdout.decode().split() == [path]
+
+
+def test_export_of_a_path_the_store_lacks_fails():
+    async def export() -> tuple[bytes, tuple[int, str]]:
+        async with nix.export([MISSING]) as exporter:
+            return await exporter.stdout.read(), await exporter.wait(timeout=30)
+
+    _data, (status, stderr) = asyncio.run(export())
+    assert status != 0 and "waggle-missing" in stderr, stderr
+
+
+def test_an_export_left_unread_is_killed_with_its_block():
+    big = 'builtins.concatStringsSep "" (builtins.genList (_: "0123456789") 200000)'
+    expr = f'builtins.toFile "waggle-export-unread" ({big})'
+    path = asyncio.run(nix.eval_json(expr, NixFlags(), read_write=True)).value
+
+    async def leave() -> int | None:
+        async with nix.export([path]) as exporter:
+            await exporter.stdout.read(1)
+        return exporter.proc.returncode
+
+    assert asyncio.run(leave()) == -signal.SIGKILL  # killed (blocked on a full pipe), reaped

@@ -335,9 +335,7 @@ class _Import:
         paths = self.to_send()
         if not paths:
             return
-        self.exporter = await stack.enter_async_context(
-            process.reading(["nix-store", "--export", *paths])
-        )
+        self.exporter = await stack.enter_async_context(nix.export(paths))
         stdout = self.exporter.stdout
         while True:
             block = await stdout.read(256 * 1024)
@@ -378,7 +376,7 @@ async def _import_plain(
 ) -> tuple[int, RemoteResult, tuple[int, str]]:
     """`nix-store --export` of `missing` streamed into the host's `nix-store --import`."""
     sent = 0
-    async with process.reading(["nix-store", "--export", *missing]) as exporter:
+    async with nix.export(missing) as exporter:
         stdout = exporter.stdout
 
         async def chunks() -> AsyncIterator[bytes]:
