@@ -85,6 +85,9 @@ class RunSummary:
     # `nodes` are this shard's, the other shards' nodes are in no list above.
     shard: ShardSpec | None = None
     sharded_from: tuple[str, ...] = ()
+    # The run's id, the one host locks name ("host locked by run <id> ..."); empty in a
+    # merged report (each shard's report has its own).
+    run_id: str = ""
 
     @property
     def failed(self) -> tuple[NodeResult, ...]:

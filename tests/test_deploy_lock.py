@@ -206,6 +206,8 @@ def test_with_a_small_lock_timeout_the_second_run_fails_naming_the_first(fleet, 
     assert code1 == 0, out1
     assert code2 == 1, out2
     assert "Traceback" not in out2
+    # The id the lock names is the one in the first run's report.
+    assert json.loads(first.report.read_text())["run"]["id"] == run_id
     since = holders[0][6]
     for name, node in second.nodes().items():
         assert node["status"] == "failed", node

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runner.report import clean_text, log_tail, node_status, stage_result, unique_names
-from runner.report.jsonreport import SCHEMA, dumps, report_json, write_json
+from runner.report.jsonreport import SCHEMA, dumps, report_json, summary_from_json, write_json
 from runner.report.junit import junit_xml, write_junit
 from runner.report.markdown import (
     append_step_summary,
@@ -576,6 +576,7 @@ def test_json_schema():
     assert data["schema"] == SCHEMA == "waggle.report/1"
     run = data["run"]
     assert run == {
+        "id": None,
         "command": "apply switch",
         "goal": "switch",
         "hive": "./hive.nix",
@@ -672,3 +673,16 @@ def test_every_json_field_is_documented_in_the_readme_and_every_documented_one_w
     documented_objects = {f.rsplit(".", 1)[0] for f in documented if "." in f}
     assert written - documented - documented_objects == set()
     assert documented - written == set()
+
+
+def test_the_run_id_is_in_every_report_and_read_back():
+    summary = fleet(run_id="5f2c0ffee")
+    data = report_json(summary)
+    assert data["run"]["id"] == "5f2c0ffee"
+    assert summary_from_json(json.loads(dumps(summary))).run_id == "5f2c0ffee"
+    suite = ET.fromstring(junit_xml(summary)).find("testsuite")
+    assert suite is not None
+    properties = {p.get("name"): p.get("value") for p in suite.iter("property")}
+    assert properties["run_id"] == "5f2c0ffee"
+    assert "Run `5f2c0ffee`." in markdown(summary)
+    assert "run_id" not in junit_xml(fleet()) and "Run `" not in markdown(fleet())

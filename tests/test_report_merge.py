@@ -208,6 +208,10 @@ def test_merge_of_three_real_shard_builds_equals_one_unsharded_build(tmp_path):
     assert sorted(line.split("\t")[0] for line in done.stdout.splitlines()) == list(NAMES)
     merged = json.loads((tmp_path / "merged.json").read_text())
     unsharded = json.loads((tmp_path / "all.json").read_text())
+    # Each run has an id of its own; a merged report has none (its shards' reports do).
+    ids = [json.loads((tmp_path / f"s{k}.json").read_text())["run"]["id"] for k in (1, 2, 3)]
+    assert merged["run"]["id"] is None and len(set(ids)) == 3 and all(ids), ids
+    assert unsharded["run"].pop("id") and merged["run"].pop("id") is None
     assert without_timings(merged) == without_timings(unsharded)
     suite = ET.parse(tmp_path / "merged.xml").getroot().find("testsuite")
     assert suite is not None and len(suite.findall("testcase")) == 2 * len(NAMES)

@@ -16,6 +16,7 @@ from runner import interrupt
 from runner.app.requests import ApplyRequest, HiveRef, Reports, View
 from runner.build import BuildSettings, evaluate_and_build
 from runner.deploy.cache import CacheUploader, upload_after_build
+from runner.deploy.lock import RunIdentity
 from runner.deploy.pipeline import deploy, goal_stages
 from runner.errors import EXIT_NODES_FAILED, HiveError, UsageError, WaggleError
 from runner.evaluate import COST, MEMORY, EvalRun
@@ -177,6 +178,9 @@ async def apply(request: ApplyRequest) -> RunSummary:
     """
     goal = request.goal
     started_at, start = time.time(), time.monotonic()
+    # One id for the run: in every host lock it takes, and in its reports.
+    run = request.deploy.run or RunIdentity.new()
+    request = replace(request, deploy=replace(request.deploy, run=run))
     hive, selection = await _hive_for_run(request)
     left_alone: list[NodeResult] = []
     found: ChangeSelection | None = None
@@ -215,6 +219,7 @@ async def apply(request: ApplyRequest) -> RunSummary:
         not_selected=tuple(n for n in selection.all_names if n not in taken),
         shard=selection.shard,
         sharded_from=selection.sharded_from,
+        run_id=run.run_id,
     )
     write_reports(request.reports, summary)
     if stopped is not None:

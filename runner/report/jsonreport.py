@@ -55,6 +55,7 @@ class ShardJson(TypedDict):
 
 
 class RunJson(TypedDict):
+    id: str | None
     command: str
     goal: str
     hive: str
@@ -104,6 +105,7 @@ def report_json(summary: RunSummary) -> ReportJson:
     return {
         "schema": SCHEMA,
         "run": {
+            "id": summary.run_id or None,
             "command": clean_text(summary.command),
             "goal": clean_text(summary.goal),
             "hive": clean_text(summary.hive),
@@ -312,4 +314,5 @@ def summary_from_json(data: object) -> RunSummary:
         sharded_from=tuple(str(n) for n in _field(shard, "selected", list, "run.shard."))
         if shard is not None
         else (),
+        run_id=str(_field(run, "id", (str, type(None)), "run.") or "") if "id" in run else "",
     )

@@ -4,7 +4,8 @@ Layout (one `<testsuite>` in a `<testsuites>`):
 
 - the suite is named "waggle <command> <hive>", has a `timestamp` (the run's start, UTC,
   ISO 8601 without zone as the JUnit schema wants) and the properties `command`, `goal`,
-  `hive`, `commit` (left out when unknown) and `shard` ("2/3", only with --shard);
+  `hive`, `commit` (left out when unknown), `shard` ("2/3", only with --shard) and `run_id`
+  (the id host locks name; left out of a merged report);
 - one test case per selected node and stage (`report_stages`): `classname="waggle.<stage>"`
   (GitLab shows it as the suite), `name=<node>`, `time=<stage seconds>`:
   - a failed stage has a `<failure type="waggle.<stage>" message="<stage message>">` whose
@@ -75,6 +76,8 @@ def junit_xml(summary: RunSummary) -> str:
         properties["commit"] = one_line(summary.commit)
     if summary.shard is not None:
         properties["shard"] = str(summary.shard)  # K/N
+    if summary.run_id:
+        properties["run_id"] = one_line(summary.run_id)
     suite = TestSuite(
         one_line(f"waggle {summary.command} {summary.hive}"),
         cases,

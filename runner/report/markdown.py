@@ -196,6 +196,8 @@ def _context(summary: RunSummary) -> str:
         f"Hive {code(summary.hive, 300)}{at}, goal {code(summary.goal, 100)}, "
         f"started {started} UTC."
     )
+    if summary.run_id:
+        text += f" Run {code(summary.run_id, 100)}."
     if summary.shard is not None:
         text += (
             f" Shard {summary.shard} ({SHARD_RULE}): {_nodes(len(summary.nodes))} of the "
