@@ -80,13 +80,13 @@ SHELLS = [s for s in ("/bin/dash", "/bin/bash") if Path(s).exists()]
 
 
 def write_key(shell: str, dest: Path, tmp: str, content: bytes = b"k", *, user: str = ""):
-    from runner.scripts import script
+    from runner.deploy.keys import WRITE_KEY_SCRIPT
 
     me = pwd.getpwuid(os.getuid()).pw_name
     group = grp.getgrgid(os.getgid()).gr_name
     args = [str(dest), "key", tmp, user or me, group, "0640", "1"]
     return subprocess.run(
-        ["sh", "-c", script("write-key.sh"), "sh", *args],
+        ["sh", "-c", WRITE_KEY_SCRIPT, "sh", *args],
         executable=shell,
         input=content,
         capture_output=True,

@@ -2,8 +2,9 @@
 
 Per key (`upload_keys`), one remote command over an exec channel (no SFTP subsystem needed;
 as root and through the escalation prefix alike): `sh -c WRITE_KEY sh ARGS...`, with
-runner/scripts/write-key.sh as the script, every value a positional argument and the
-content on stdin. The script
+runner/scripts/write-key.sh after runner/hive/nix/dest-dir-lib.sh (which chown-key.sh
+shares) as the script, every value a positional argument and the content on stdin. The
+script
   1. checks every directory from / down to destDir (creating missing ones, mode 0755): each
      must be owned by root and not group- or world-writable unless sticky, so that nobody
      but root can swap a name in it; otherwise the key is refused ("unsafe destDir ...");
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 Phase = Literal["pre-activation", "post-activation", "all"]
 
 _DEFERRED = "waggle: owner-deferred"  # printed by write-key.sh
+# sh -c WRITE_KEY_SCRIPT sh DIR NAME TMP USER GROUP MODE STRICT; stdin: the content
+WRITE_KEY_SCRIPT = script("nix/dest-dir-lib.sh", package="runner.hive") + script("write-key.sh")
 
 
 class KeyUploadError(WaggleError):
@@ -136,7 +139,7 @@ async def _upload(
     )
     strict = "1" if require_ownership else "0"
     args = [directory or "/", name, tmp, key.user, key.group, key.permissions, strict]
-    argv = ["sh", "-c", script("write-key.sh"), "sh", *args]
+    argv = ["sh", "-c", WRITE_KEY_SCRIPT, "sh", *args]
     step = f"cannot install {key.path}"
     try:
         done = await host.run(argv, input_data=content, timeout=timeout, privileged=True)

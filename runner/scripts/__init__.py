@@ -12,14 +12,15 @@ from importlib.resources import files
 
 
 @cache
-def script(name: str, *, comments: bool = False) -> str:
-    """The text of runner/scripts/`name` (e.g. "write-key.sh"), without its comment lines.
+def script(name: str, *, comments: bool = False, package: str = __name__) -> str:
+    """The text of runner/scripts/`name` (e.g. "write-key.sh"), without its comment lines;
+    of `name` in another `package` with it (e.g. "nix/dest-dir-lib.sh" in runner.hive).
 
     The text travels in every command line (and shows in the host's process list), so the
     comments, which are for readers of the file, stay here. `comments=True` keeps them, for
     a script that is sent as data and stays on the host as a file (activation's run.sh).
     """
-    text = files(__name__).joinpath(name).read_text(encoding="utf-8")
+    text = files(package).joinpath(name).read_text(encoding="utf-8")
     if comments:
         return text
     return "".join(

@@ -1,5 +1,6 @@
 # shellcheck shell=sh
-# Install one deployment key on a host, as root: `sh -c "$(cat write-key.sh)" sh ARGS...`.
+# Install one deployment key on a host, as root:
+# `sh -c "$(cat dest-dir-lib.sh write-key.sh)" sh ARGS...` (runner/deploy/keys.py).
 #   $1 destDir   $2 file name   $3 temporary file name (in destDir)
 #   $4 user   $5 group   $6 mode (octal)   $7 "1": the owner must exist
 # stdin: the key's content (never an argument). stdout: "waggle: owner-deferred" when the
@@ -8,7 +9,8 @@
 #
 # No path is followed twice. Every directory from / down to destDir must be owned by root
 # (or by the user running this) and not group- or world-writable unless sticky, so nobody
-# else can swap a name in it; missing ones are created, each in a parent that passed. The
+# else can swap a name in it; missing ones are created, each in a parent that passed
+# (waggle_dest_dir, in runner/hive/nix/dest-dir-lib.sh, which is sent first). The
 # temporary file is created with noclobber (O_EXCL: an existing name, symlink or not, is
 # refused), owner and mode are set on the open file (/proc/self/fd/3, which is the file
 # itself whatever its name points to by then), and it is renamed over the destination
@@ -22,52 +24,9 @@ fail() {
     exit 1
 }
 
-case $dir in
-/*) ;;
-*) fail "unsafe destDir $dir: not an absolute path" ;;
-esac
-# Every directory from / down to destDir, as the positional parameters.
-set -- /
-path='' rest=${dir#/}
-while [ -n "$rest" ]; do
-    part=${rest%%/*}
-    case $rest in
-    */*) rest=${rest#*/} ;;
-    *) rest='' ;;
-    esac
-    case $part in
-    '' | .) continue ;;
-    ..) fail "unsafe destDir $dir: it must not contain .." ;;
-    esac
-    path=$path/$part
-    set -- "$@" "$path"
-done
-# Those that exist come first (a missing directory has no subdirectories): one stat checks
-# them all, in order; the rest are then created one level at a time.
-for p do
-    if [ ! -e "$p" ] && [ ! -L "$p" ]; then
-        break
-    fi
-    if [ ! -d "$p" ]; then
-        fail "unsafe destDir $dir: $p is not a directory"
-    fi
-done
-info=$(stat -L -c '%u %a' -- "$@" 2>/dev/null) || true
-while read -r owner perm; do
-    if [ "$owner" != 0 ] && ! [ -O "$1" ]; then
-        fail "unsafe destDir $dir: $1 is owned by uid $owner, not root"
-    fi
-    if [ $((0$perm & 022)) != 0 ] && [ $((0$perm & 01000)) = 0 ]; then
-        fail "unsafe destDir $dir: $1 is group- or world-writable without the sticky bit"
-    fi
-    shift
-done <<DIRS
-$info
-DIRS
+# destDir checked, its missing directories created (mode 0755).
 umask 022
-for p do
-    mkdir -m 0755 -- "$p" || fail "cannot create $p"
-done
+waggle_dest_dir '' "$dir" 1 || exit 1
 cd -P -- "$dir"
 
 umask 077

@@ -8,25 +8,9 @@
 # follows a symlink and cannot be pointed at another file: the key must be a regular file
 # with a single link, in a directory that - like every directory above it - is owned by
 # root and not group- or world-writable unless sticky (so nobody but root can swap a name
-# in it), and the owner is set with `chown -h` on that name.
+# in it; waggle_dest_dir, from dest-dir-lib.sh, which modules.nix puts before this file),
+# and the owner is set with `chown -h` on that name.
 # Function-local names start with waggle_ (POSIX sh has no `local`).
-
-waggle_dir_ok() { # $1 a directory, $2 the key's destDir (for the message)
-    if [ ! -d "$1" ]; then
-        echo "waggle: unsafe destDir $2: $1 is not a directory" >&2
-        return 1
-    fi
-    waggle_stat=$(stat -L -c '%u %a' -- "$1") || return 1
-    waggle_owner=${waggle_stat% *} waggle_perm=${waggle_stat#* }
-    if [ "$waggle_owner" != 0 ]; then
-        echo "waggle: unsafe destDir $2: $1 is owned by uid $waggle_owner, not root" >&2
-        return 1
-    fi
-    if [ $((0$waggle_perm & 022)) != 0 ] && [ $((0$waggle_perm & 01000)) = 0 ]; then
-        echo "waggle: unsafe destDir $2: $1 is group- or world-writable without the sticky bit" >&2
-        return 1
-    fi
-}
 
 waggle_chown_key() { # $1 the key's path, $2 USER:GROUP
     if [ ! -e "$1" ] && [ ! -L "$1" ]; then
@@ -34,25 +18,7 @@ waggle_chown_key() { # $1 the key's path, $2 USER:GROUP
         return 0
     fi
     waggle_dir=${1%/*}
-    waggle_dir=${waggle_dir:-/}
-    waggle_dir_ok / "$waggle_dir" || return 1
-    waggle_path='' waggle_rest=${waggle_dir#/}
-    while [ -n "$waggle_rest" ]; do
-        waggle_part=${waggle_rest%%/*}
-        case $waggle_rest in
-        */*) waggle_rest=${waggle_rest#*/} ;;
-        *) waggle_rest='' ;;
-        esac
-        case $waggle_part in
-        '' | .) continue ;;
-        ..)
-            echo "waggle: unsafe destDir $waggle_dir: it must not contain .." >&2
-            return 1
-            ;;
-        esac
-        waggle_path=$waggle_path/$waggle_part
-        waggle_dir_ok "$waggle_path" "$waggle_dir" || return 1
-    done
+    waggle_dest_dir 'waggle: ' "${waggle_dir:-/}" 0 || return 1
     if [ -L "$1" ] || [ ! -f "$1" ]; then
         echo "waggle: key $1 is not a regular file; not changing its owner" >&2
         return 1

@@ -4,8 +4,8 @@
 #   written to the same file.
 # - keyChownModule: an activation snippet, ordered after user and group
 #   creation, that gives pre-activation keys to their owners once they exist
-#   (chown-key.sh: never through a symlink, never in a directory others can
-#   change).
+#   (chown-key.sh after dest-dir-lib.sh: never through a symlink, never in a
+#   directory others can change).
 # - keyServiceModule: `<attr>-key.path` / `<attr>-key.service` units, named
 #   after the key's attribute as Colmena names them, that are active while the
 #   key file exists (NixOps-compatible). A unit started before its key is
@@ -50,6 +50,7 @@ in
       system.activationScripts.waggle-chown-keys = lib.mkIf (preKeys != [ ]) {
         inherit deps;
         text = ''
+          ${builtins.readFile ./dest-dir-lib.sh}
           ${builtins.readFile ./chown-key.sh}
           failed=0
           ${lib.concatMapStrings chownOne preKeys}
