@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -303,6 +303,53 @@ def export(paths: Sequence[str]) -> contextlib.AbstractAsyncContextManager[proce
     """`nix-store --export` of `paths`, its stdout a stream to read within the block
     (`process.reading`: an exporter that has not ended when the block is left is killed)."""
     return process.reading(["nix-store", "--export", *paths])
+
+
+COPY = ("nix", "--extra-experimental-features", "nix-command", "copy")
+
+# Nix's binary cache stores print, per uploaded path:
+#   copying path '/nix/store/...' (120 bytes, compressed 0.0% in 0 ms) to binary cache
+_UPLOADED = re.compile(
+    r"copying path '(/nix/store/[^']+)' \((\d+) bytes, compressed (-?[\d.]+)% in \d+ ms\)"
+)
+# Every store prints, per copied path: copying path '/nix/store/...' to 'URL'...
+_COPYING = re.compile(r"copying path '(/nix/store/[^']+)' to '")
+
+
+@dataclass(frozen=True)
+class Copied:
+    """What one `nix copy -v` copied."""
+
+    paths: tuple[str, ...]  # in the order Nix copied them (none: the store had them all)
+    sent: Mapping[str, int]  # bytes sent per path, where the store measured them
+    completed: Completed
+
+
+def copied_in(stderr: str) -> tuple[list[str], dict[str, int]]:
+    """The paths `nix copy -v` copied, and the bytes sent for those a binary cache measured
+    (its compressed size)."""
+    copied: list[str] = []
+    sent: dict[str, int] = {}
+    for line in stderr.splitlines():
+        if m := _UPLOADED.search(line):
+            nar, saved = int(m.group(2)), float(m.group(3))
+            sent[m.group(1)] = max(0, round(nar * (1 - saved / 100)))
+        elif (m := _COPYING.search(line)) and m.group(1) not in copied:
+            copied.append(m.group(1))
+    return copied, sent
+
+
+async def copy_to(
+    url: str, paths: Sequence[str], *, options: Sequence[str] = (), timeout: float
+) -> Copied:
+    """`nix copy -v --to url` of the closures of `paths`, with `options` (e.g. `--option
+    connect-timeout 5`); NixError when it fails (its summary: Nix's error, or the timeout)."""
+    argv = [*COPY, "-v", *options, "--to", url, *paths]
+    done = await process.run(argv, timeout=timeout)
+    if not done.ok:
+        raise _failure(f"copying to {url}", done, timeout)
+    copied, sent = copied_in(done.stderr)
+    return Copied(tuple(copied), sent, done)
 
 
 async def closure(path: str, *, timeout: float = 300) -> list[str]:

@@ -178,3 +178,49 @@ def test_an_export_left_unread_is_killed_with_its_block():
         return exporter.proc.returncode
 
     assert asyncio.run(leave()) == -signal.SIGKILL  # killed (blocked on a full pipe), reaped
+
+
+def test_copy_to_a_binary_cache_says_what_it_copied_and_sent(tmp_path):
+    leaf = store_file("waggle-copy-leaf", "leaf")
+    expr = 'builtins.toFile "waggle-copy-top" "uses ${builtins.toFile "waggle-copy-leaf" "leaf"}"'
+    top: str = asyncio.run(nix.eval_json(expr, NixFlags(), read_write=True)).value
+    url = f"file://{tmp_path / 'cache'}"
+    first = asyncio.run(nix.copy_to(url, [top], timeout=60))
+    assert sorted(first.paths) == sorted([top, leaf]) and first.completed.ok
+    assert set(first.sent) == {top, leaf} and all(n > 0 for n in first.sent.values())
+    assert "-v" in first.completed.argv and first.completed.argv[-2:] == (url, top)
+    again = asyncio.run(nix.copy_to(url, [top], timeout=60))  # the cache has them: none
+    assert again.paths == () and dict(again.sent) == {}
+
+
+def test_copy_to_a_store_that_measures_nothing_names_the_paths(tmp_path):
+    path = store_file("waggle-copy-store", "store")
+    copied = asyncio.run(nix.copy_to(f"{tmp_path / 'store'}", [path], timeout=60))
+    assert copied.paths == (path,) and dict(copied.sent) == {}
+
+
+def test_copy_to_a_cache_that_refuses_fails_with_nix_s_reason():
+    path = store_file("waggle-copy-refused", "refused")
+    options = ("--option", "connect-timeout", "2", "--option", "download-attempts", "1")
+    with pytest.raises(NixError, match=r"copying to http://127\.0\.0\.1:9/ failed") as e:
+        asyncio.run(nix.copy_to("http://127.0.0.1:9/", [path], options=options, timeout=60))
+    assert "connect" in e.value.summary.lower() and "copying to" not in e.value.summary
+
+
+def test_copy_to_times_out():
+    path = store_file("waggle-copy-timeout", "timeout")
+    with pytest.raises(NixError, match=r"timed out after 0\.001 s") as e:
+        asyncio.run(nix.copy_to("file:///nonexistent-waggle", [path], timeout=0.001))
+    assert e.value.summary == "timed out after 0.001 s"
+
+
+def test_copied_in_reads_both_kinds_of_progress_lines():
+    stderr = """copying 3 paths...
+copying path '/nix/store/a-x' to 'file:///c'...
+copying path '/nix/store/a-x' (1000 bytes, compressed 25.0% in 0 ms) to binary cache
+copying path '/nix/store/b-y' to 'file:///c'...
+copying path '/nix/store/b-y' (120 bytes, compressed -6.7% in 0 ms) to binary cache
+copying path '/nix/store/c-z' to 'ssh://h'...
+"""  # c-z: a store that measures nothing (ssh://)
+    copied = ["/nix/store/a-x", "/nix/store/b-y", "/nix/store/c-z"]
+    assert nix.copied_in(stderr) == (copied, {"/nix/store/a-x": 750, "/nix/store/b-y": 128})

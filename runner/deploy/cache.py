@@ -24,11 +24,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from runner import nix, process
-from runner.errors import UsageError
+from runner import nix
+from runner.errors import NixError, UsageError
 from runner.results import NodeResult, Stage, Status
 
-COPY = ("nix", "--extra-experimental-features", "nix-command", "copy")
 # A cache that is down or never answers fails the upload in seconds, not at UPLOAD_TIMEOUT.
 NETWORK_LIMITS = (
     *("--option", "connect-timeout", "5"),
@@ -36,13 +35,6 @@ NETWORK_LIMITS = (
 )
 UPLOAD_TIMEOUT = 3600.0
 
-# Nix's binary cache stores print, per uploaded path:
-#   copying path '/nix/store/...' (120 bytes, compressed 0.0% in 0 ms) to binary cache
-_UPLOADED = re.compile(
-    r"copying path '(/nix/store/[^']+)' \((\d+) bytes, compressed (-?[\d.]+)% in \d+ ms\)"
-)
-# Every store prints, per copied path: copying path '/nix/store/...' to 'URL'...
-_COPYING = re.compile(r"copying path '(/nix/store/[^']+)' to '")
 _KEY = re.compile(r"[A-Za-z0-9._+-]+:[A-Za-z0-9+/]+={0,2}\Z")
 
 
@@ -155,33 +147,17 @@ class CacheUploader:
 async def upload_closure(root: str, settings: CacheSettings) -> Upload:
     """`nix copy --to` the closure of `root`; what was copied, and how many bytes."""
     start = time.monotonic()
-    argv = [*COPY, "-v", *NETWORK_LIMITS, "--to", settings.upload_url, root]
-    done = await process.run(argv, timeout=settings.timeout)
-    seconds = time.monotonic() - start
-    if not done.ok:
-        why = (
-            f"timed out after {settings.timeout:g} s"
-            if done.timed_out
-            else nix.first_error_line(done.stderr)
+    try:
+        copied = await nix.copy_to(
+            settings.upload_url, [root], options=NETWORK_LIMITS, timeout=settings.timeout
         )
-        return Upload(root, 0, 0, seconds, f"uploading to {settings.url} failed: {why}")
-    copied, sent = _copied(done.stderr)
-    unmeasured = [p for p in copied if p not in sent]
+    except NixError as e:  # the summary: Nix's error line, or "timed out after N s"
+        seconds = time.monotonic() - start
+        return Upload(root, 0, 0, seconds, f"uploading to {settings.url} failed: {e.summary}")
+    seconds = time.monotonic() - start
+    unmeasured = [p for p in copied.paths if p not in copied.sent]
     extra = await nix.closure_size(unmeasured) if unmeasured else 0
-    return Upload(root, len(copied), sum(sent.values()) + extra, seconds)
-
-
-def _copied(stderr: str) -> tuple[list[str], dict[str, int]]:
-    """The paths `nix copy -v` copied, and the bytes sent for those a binary cache measured."""
-    copied: list[str] = []
-    sent: dict[str, int] = {}
-    for line in stderr.splitlines():
-        if m := _UPLOADED.search(line):
-            nar, saved = int(m.group(2)), float(m.group(3))
-            sent[m.group(1)] = max(0, round(nar * (1 - saved / 100)))
-        elif (m := _COPYING.search(line)) and m.group(1) not in copied:
-            copied.append(m.group(1))
-    return copied, sent
+    return Upload(root, len(copied.paths), sum(copied.sent.values()) + extra, seconds)
 
 
 Fact = tuple[str, int | float | str]
