@@ -1,7 +1,11 @@
-"""One async function per Nix command. Typed results, no CLI knowledge.
+"""One async function per local Nix command. Typed results, no CLI knowledge.
 
-Every function takes `NixFlags` (the user's --show-trace, --impure,
---nix-option, --builders and the hive's machinesFile) and calls `runner.process.run`.
+This is the one module that knows the command lines of the local Nix (evaluation, builds,
+store queries, `nix path-info`, `nix-store --export`, `nix copy`) and how to read what
+they print. Commands run on a host (runner/deploy, runner/scripts) are not here.
+Evaluations and builds take `NixFlags` (the user's --show-trace, --impure, --nix-option,
+--builders and the hive's machinesFile). Every command starts through `runner.process`
+(`run`; `reading` for the export stream).
 """
 
 from __future__ import annotations
