@@ -495,8 +495,11 @@ async def cmd_watch(ns: Namespace) -> int:
     request = rq.WatchRequest(repo=ns.repo, apply=apply_request(ns, Goal.SWITCH), remote=ns.remote,
                            ref=ns.ref, interval=ns.interval, fetch_timeout=ns.fetch_timeout,
                            reports_dir=ns.reports_dir, metrics_file=ns.metrics_file,
-                           allow_non_descendant=ns.allow_non_descendant, once=ns.once)  # fmt: skip
-    outcome = await run_watch(request, on_deploy=console.print_summary)
+                           allow_non_descendant=ns.allow_non_descendant, once=ns.once,
+                           max_failures_given=ns.max_failures is not None,
+                           confirm_timeout_given=ns.confirm_timeout is not None)  # fmt: skip
+    debug = bool(_opt(ns, "debug"))
+    outcome = await run_watch(request, on_deploy=lambda s: console.print_summary(s, debug=debug))
     if outcome.stopped_by == signal.SIGINT:
         return errors.EXIT_INTERRUPTED
     result = outcome.result

@@ -84,6 +84,20 @@ def test_search_upward_stops_at_repository_root(tmp_path):
     assert config.source == repo / CONFIG_NAME
 
 
+def test_search_in_a_commits_tree_stops_at_the_tree_and_names_the_file_in_it(tmp_path):
+    tree = tmp_path / "checkout"  # a commit's tree as waggle watch writes it: no .git
+    sub = tree / "fleet"
+    sub.mkdir(parents=True)
+    (tmp_path / CONFIG_NAME).write_text("comment: true\n")  # above the tree: ignored
+    assert load_config(None, search_from=sub, tree=tree) == CiConfig()
+    (sub / CONFIG_NAME).write_text("rollout:\n  max_failures: many\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(None, search_from=sub, tree=tree, at="in commit 1a2b3c")
+    assert e.value.message.startswith(
+        "fleet/waggle.yaml in commit 1a2b3c: setting 'rollout.max_failures'"
+    )
+
+
 def test_empty_file_gives_defaults(tmp_path):
     path = tmp_path / CONFIG_NAME
     path.write_text("# nothing yet\n")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pygit2
@@ -16,9 +18,14 @@ import pytest
 from pygit2.enums import Option
 from typing_extensions import override
 
-from runner.errors import UsageError
+from runner import cli
+from runner.app import watch as watch_app
+from runner.app.requests import ApplyRequest, HiveRef, WatchRequest
+from runner.deploy.pipeline import DeploySettings
+from runner.errors import EXIT_NODES_FAILED, UsageError
 from runner.gitops.changes import GitError
 from runner.gitops.watch import WatchResult, WatchSettings, watch
+from runner.goals import Goal
 from runner.results import NodeResult, RunSummary, Stage, StageResult, Status
 from tests.test_gitops_metrics import parse_metrics
 
@@ -569,3 +576,136 @@ def test_settings_are_checked(tmp_path):
 
 def run_tuple(scenario):
     return asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+
+
+# -- waggle watch's deploys (runner.app.watch, the CLI) ----------------------------------------
+
+ROLLOUT_YAML = """rollout:
+  waves: [1, 50%, 100%]
+  max_failures: 1
+  confirm_timeout: 45
+  health_checks: false
+"""
+
+
+@dataclass
+class Applied:
+    """Stands in for `run.apply` in `runner.app.watch`: records each request."""
+
+    requests: list[ApplyRequest] = field(default_factory=list)
+    nodes: tuple[NodeResult, ...] = ()
+
+    async def __call__(self, request: ApplyRequest) -> RunSummary:
+        self.requests.append(request)
+        return RunSummary("watch", "switch", "h", None, 0.0, 0.0, (Stage.ACTIVATE,), self.nodes)
+
+
+def watch_once(clone: Path, template: ApplyRequest, **kw: object) -> watch_app.WatchOutcome:
+    request = WatchRequest(repo=clone, apply=template, once=True, **kw)  # type: ignore[arg-type]
+    return asyncio.run(asyncio.wait_for(watch_app.run_watch(request), timeout=30))
+
+
+def test_watch_deploys_with_the_rollout_of_the_deployed_commits_waggle_yaml(
+    remote, tmp_path, monkeypatch
+):
+    applied = Applied()
+    monkeypatch.setattr(watch_app, "apply", applied)
+    remote.push("rollout", {"waggle.yaml": ROLLOUT_YAML})
+    # The clone's own work tree (still at the first commit) is not what is deployed.
+    (remote.clone / "waggle.yaml").write_text("rollout:\n  waves: [2]\n  max_failures: 3\n")
+    template = ApplyRequest(hive=HiveRef(cwd=tmp_path), deploy=DeploySettings(parallel=4))
+    assert watch_once(remote.clone, template).result.ok
+    deploy = applied.requests[-1].deploy
+    assert (deploy.waves, deploy.max_failures, deploy.confirm_timeout, deploy.health_checks) == (
+        ("1", "50%", "100%"),
+        "1",
+        45.0,
+        False,
+    )
+    assert deploy.goal is Goal.SWITCH and deploy.parallel == 4
+    # Flags given on the command line win, as in `waggle ci` (even at their defaults).
+    flags = replace(
+        template,
+        deploy=DeploySettings(waves=("1", "100%"), max_failures="0", confirm_timeout=30.0),
+    )
+    given = {"max_failures_given": True, "confirm_timeout_given": True}
+    assert watch_once(remote.clone, flags, **given).result.ok
+    deploy = applied.requests[-1].deploy
+    assert (deploy.waves, deploy.max_failures, deploy.confirm_timeout) == (("1", "100%"), "0", 30.0)
+    assert deploy.health_checks is False  # no --no-health-checks: the file's
+
+
+def test_a_bad_rollout_section_fails_that_commits_deploy_and_the_watcher_goes_on(
+    remote, tmp_path, monkeypatch
+):
+    applied = Applied()
+    monkeypatch.setattr(watch_app, "apply", applied)
+    bad = remote.push("bad rollout", {"waggle.yaml": "rollout:\n  confirm_timeout: -5\n"})
+    reports = tmp_path / "reports"
+
+    async def scenario() -> watch_app.WatchOutcome:
+        request = WatchRequest(
+            repo=remote.clone, apply=ApplyRequest(), interval=TICK, reports_dir=reports
+        )
+        task = asyncio.create_task(watch_app.run_watch(request))
+        await until(lambda: any(reports.rglob("error.txt")))
+        assert applied.requests == []  # nothing of the bad commit was applied
+        await remote.apush("fixed", {"waggle.yaml": "rollout:\n  confirm_timeout: 5\n"})
+        await until(lambda: len(applied.requests) == 1)
+        signal.raise_signal(signal.SIGTERM)  # the watcher stops as under systemd
+        return await task
+
+    outcome = asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    assert outcome.stopped_by == signal.SIGTERM
+    first, second = outcome.result.deployed
+    assert first.commit == bad and not first.ok
+    assert first.error == (
+        f"ConfigError: waggle.yaml in commit {bad[:12]}: setting 'rollout.confirm_timeout' "
+        "must be a number of seconds, more than 0 (got -5)"
+    )
+    assert second.ok and applied.requests[0].deploy.confirm_timeout == 5.0
+
+
+def test_watch_never_reads_a_waggle_yaml_outside_the_commits_tree(remote, tmp_path, monkeypatch):
+    applied = Applied()
+    monkeypatch.setattr(watch_app, "apply", applied)
+    outside = tmp_path / "tmp"  # where the commit's tree is checked out (no .git in it)
+    outside.mkdir()
+    (outside / "waggle.yaml").write_text("rollout:\n  waves: [1]\n  no_such_key: 1\n")
+    monkeypatch.setattr(tempfile, "tempdir", str(outside))
+    assert watch_once(remote.clone, ApplyRequest()).result.ok
+    assert applied.requests[0].deploy == replace(ApplyRequest().deploy, goal=Goal.SWITCH)
+
+
+def test_watch_debug_prints_internal_errors_tracebacks(remote, monkeypatch, capsys):
+    failed = StageResult(
+        Stage.ACTIVATE,
+        Status.FAILED,
+        0.1,
+        "internal error: RuntimeError: boom",
+        "Traceback (most recent call last):\nRuntimeError: boom",
+    )
+    monkeypatch.setattr(watch_app, "apply", Applied(nodes=(NodeResult("web", (failed,)),)))
+    argv = ["watch", "--once", "--repo", str(remote.clone)]
+    assert cli.run(argv) == EXIT_NODES_FAILED
+    assert "Traceback" not in capsys.readouterr().err
+    assert cli.run([*argv, "--debug"]) == EXIT_NODES_FAILED
+    err = capsys.readouterr().err
+    assert "waggle: node web, stage activate:" in err
+    assert "waggle: Traceback (most recent call last):" in err
+
+
+def test_rollout_flags_given_to_waggle_watch_win_over_the_commits_file(remote, monkeypatch):
+    applied = Applied()
+    monkeypatch.setattr(watch_app, "apply", applied)
+    remote.push("rollout", {"waggle.yaml": ROLLOUT_YAML})
+    argv = ["watch", "--once", "--repo", str(remote.clone)]
+    assert cli.run([*argv, "--max-failures", "0", "--confirm-timeout", "30"]) == 0
+    assert cli.run(argv) == 0
+    given, not_given = (r.deploy for r in applied.requests)
+    assert (given.max_failures, given.confirm_timeout, given.waves) == (
+        "0",
+        30.0,
+        ("1", "50%", "100%"),
+    )
+    assert (not_given.max_failures, not_given.confirm_timeout) == ("1", 45.0)

@@ -139,7 +139,8 @@ class MergeRequest:
 
 @dataclass(frozen=True)
 class WatchRequest:
-    """`waggle watch`: follow a ref of a clone and apply each new head's hive."""
+    """`waggle watch`: follow a ref of a clone and apply each new head's hive, with the
+    `rollout:` of that commit's waggle.yaml where no flag was given."""
 
     repo: Path
     apply: ApplyRequest  # settings for every deploy; its hive is replaced per commit
@@ -151,6 +152,8 @@ class WatchRequest:
     metrics_file: Path | None = None
     allow_non_descendant: bool = False
     once: bool = False
+    max_failures_given: bool = False  # --max-failures was given (the commit's rollout: loses)
+    confirm_timeout_given: bool = False  # --confirm-timeout was (as in CiRequest)
 
 
 @dataclass(frozen=True)

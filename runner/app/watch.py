@@ -8,10 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from runner.app.ci import with_rollout
 from runner.app.requests import HiveRef, Reports, WatchRequest
 from runner.app.run import apply
 from runner.errors import UsageError
 from runner.gitops.changes import GitError, open_repo
+from runner.gitops.config import load_config
 from runner.gitops.watch import WatchResult, WatchSettings, watch
 from runner.goals import Goal
 from runner.hive.discovery import locate
@@ -54,7 +56,9 @@ async def run_watch(
     request: WatchRequest, on_deploy: Callable[[RunSummary], None] | None = None
 ) -> WatchOutcome:
     """Follow the ref until SIGTERM/SIGINT (which let the deploy in flight finish), or
-    for one cycle with `once`. Each deploy is `apply switch` of that commit's hive."""
+    for one cycle with `once`. Each deploy is `apply switch` of that commit's hive, with
+    the `rollout:` of its waggle.yaml where no flag was given (a bad one fails that
+    commit's deploy: the ConfigError names the setting and the file)."""
     settings = WatchSettings(
         repo=request.repo.resolve(),
         remote=request.remote,
@@ -71,10 +75,19 @@ async def run_watch(
 
     async def deploy_commit(sha: str, tree: Path) -> RunSummary:
         config = str(tree / rel) if rel else str(locate(None, tree).ref)
+        # A commit merged on the watched ref is trusted, as in ci's push mode: its
+        # waggle.yaml (searched as ci does, never outside the tree) sets the rollout.
+        settings = load_config(None, search_from=tree, tree=tree, at=f"in commit {sha[:12]}")
+        deploy = with_rollout(
+            template.deploy,
+            settings.rollout,
+            max_failures_given=request.max_failures_given,
+            confirm_timeout_given=request.confirm_timeout_given,
+        )
         each = replace(
             template,
             hive=HiveRef(config=config, cwd=tree, flags=template.hive.flags),
-            deploy=replace(template.deploy, goal=Goal.SWITCH),
+            deploy=replace(deploy, goal=Goal.SWITCH),
             changes=None,
             reports=Reports(),  # watch writes its own per commit
             command="watch",

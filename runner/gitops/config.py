@@ -6,6 +6,7 @@ start directory and its parents, stopping at the repository root (the first dire
 names the key and the file (exit 2). Relative paths in the file are relative to the file's
 directory. Command-line flags override the file (`merge`). On a pull request `waggle ci`
 reads the file from the base commit's tree instead (`runner.gitops.trust.pr_config`).
+`waggle watch` applies the `rollout:` of the file in each deployed commit's tree.
 
     hive: ./hive.nix            # hive.nix, a directory, a flake.nix or a flake reference
     on: "@web,db-*"             # restrict every run to these nodes (waggle --on syntax)
@@ -58,7 +59,8 @@ class ConfigError(UsageError):
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """`rollout:`, how `waggle ci` deploys; None: not set (the flag or its default applies)."""
+    """`rollout:`, how `waggle ci` and `waggle watch` deploy; None: not set (the flag or its
+    default applies)."""
 
     waves: tuple[str, ...] | None = None  # as --waves: "1", "10%", "100%"
     max_failures: str | None = None  # as --max-failures: "N" or "P%"
@@ -279,32 +281,41 @@ _KEYS: dict[str, Callable[[object, Path | None], Any]] = {
 KNOWN_KEYS = tuple(_KEYS)
 
 
-def find_config(start: Path) -> Path | None:
-    """`waggle.yaml` in `start` or a parent, up to the repository root (holding `.git`)."""
+def find_config(start: Path, tree: Path | None = None) -> Path | None:
+    """`waggle.yaml` in `start` or a parent, up to the repository root (holding `.git`), or
+    up to `tree`, a commit's tree checked out without `.git` (the search never leaves it)."""
     here = start.resolve()
+    top = tree.resolve() if tree is not None else None
     for directory in (here, *here.parents):
         candidate = directory / CONFIG_NAME
         if candidate.is_file():
             return candidate
-        if (directory / ".git").exists():
+        if (directory / ".git").exists() or directory == top:
             return None
     return None
 
 
-def load_config(path: Path | None, *, search_from: Path) -> CiConfig:
+def load_config(
+    path: Path | None, *, search_from: Path, tree: Path | None = None, at: str = ""
+) -> CiConfig:
     """The settings in `path` (which must exist), or in the `waggle.yaml` found from
-    `search_from` (see `find_config`); defaults if there is none."""
+    `search_from` (see `find_config`, `tree` too); defaults if there is none. Errors name
+    the file, relative to `tree` if given, followed by `at` (e.g. "in commit 1a2b3c")."""
     if path is None:
-        path = find_config(search_from)
+        path = find_config(search_from, tree)
         if path is None:
             return CiConfig()
     elif not path.is_file():
         raise ConfigError(f"{path}: no such settings file")
+    where = str(path)
+    if tree is not None and path.is_relative_to(tree.resolve()):
+        where = path.relative_to(tree.resolve()).as_posix()
+    where = f"{where} {at}" if at else where
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read: {e}") from None
-    return parse_config(text, source=path)
+        raise ConfigError(f"{where}: cannot read: {e}") from None
+    return parse_config(text, source=path, where=where)
 
 
 def parse_config(text: str, *, source: Path, where: str | None = None) -> CiConfig:
