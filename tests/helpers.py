@@ -1,10 +1,18 @@
-"""Running the real `waggle` command in tests."""
+"""Running the real `waggle` command in tests; hosts whose imports hang."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+
+from tests.fleet import TestHost
 
 
 def waggle(
@@ -40,3 +48,42 @@ def documented_report_fields() -> list[str]:
     fields = re.findall(r"^\| `([^`]+)` \|", table, re.MULTILINE)
     assert "nodes[].stages[].facts" in fields, table
     return fields
+
+
+def is_import(pid: int) -> bool:
+    """Whether process `pid` is a `nix-store --import`."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return Path(argv[0].decode(errors="replace")).name == "nix-store" and b"--import" in argv[1:]
+
+
+@contextlib.contextmanager
+def stopped_imports(host: TestHost) -> Iterator[list[int]]:
+    """SIGSTOP every `nix-store --import` that starts on `host`: a hung import (a dead disk).
+
+    The PIDs stopped so far are in the list; what is left of them is killed at the end."""
+    stopped: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for pid in host.processes():
+                if pid not in stopped and is_import(pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGSTOP)
+                        stopped.append(pid)
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield stopped
+    finally:
+        done.set()
+        watcher.join(5)
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGCONT)

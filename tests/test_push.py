@@ -15,8 +15,6 @@ import asyncio
 import contextlib
 import http.server
 import json
-import os
-import signal
 import socket
 import subprocess
 import threading
@@ -33,8 +31,8 @@ from typing_extensions import override
 from runner.deploy.push import PushError, closure_of, push_closure
 from runner.hosts.ssh import SshHost, SshSettings, SshTarget
 from tests.conftest import ROOT, needs_fleet, write_hive
-from tests.fleet import Fleet, TestHost, free_first_octet
-from tests.helpers import documented_report_fields, waggle
+from tests.fleet import Fleet, free_first_octet
+from tests.helpers import documented_report_fields, stopped_imports, waggle
 
 pytestmark = needs_fleet()
 
@@ -184,42 +182,6 @@ def read_only_store(fleet: Fleet, name: str) -> Iterator[None]:
         yield
     finally:
         on_host(fleet, name, "umount /nix/store")
-
-
-def is_import(pid: int) -> bool:
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return Path(argv[0].decode(errors="replace")).name == "nix-store" and b"--import" in argv[1:]
-
-
-@contextlib.contextmanager
-def stopped_imports(host: TestHost) -> Iterator[list[int]]:
-    """SIGSTOP every `nix-store --import` that starts on `host`: a hung import (a dead disk)."""
-    stopped: list[int] = []
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            for pid in host.processes():
-                if pid not in stopped and is_import(pid):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGSTOP)
-                        stopped.append(pid)
-            time.sleep(0.01)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        yield stopped
-    finally:
-        done.set()
-        watcher.join(5)
-        for pid in stopped:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-                os.kill(pid, signal.SIGCONT)
 
 
 def exporters() -> list[psutil.Process]:
