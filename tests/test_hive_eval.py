@@ -447,3 +447,54 @@ def test_nix_option_reaches_nix(tmp_path):
     # A restricted evaluation forbids reading the hive: proves the option is passed.
     done = waggle("--nix-option", "restrict-eval", "true", "nodes", cwd=tmp_path)
     assert_clean_error(done, 2, "restricted")
+
+
+def _counting_evals(monkeypatch) -> list[str]:
+    """The deployment queries the hive sends to Nix, as they are sent."""
+    from runner import nix
+
+    sent: list[str] = []
+    real = nix.eval_json
+
+    async def counting(expr, *args, **kwargs):
+        if "deployment (builtins.fromJSON" in expr:
+            sent.append(expr)
+        return await real(expr, *args, **kwargs)
+
+    monkeypatch.setattr(nix, "eval_json", counting)
+    return sent
+
+
+def test_deployment_settings_are_asked_once_and_broken_nodes_cost_a_bisection(
+    tmp_path, monkeypatch
+):
+    import asyncio
+
+    from runner.errors import HiveError
+    from runner.hive.discovery import locate
+    from runner.hive.hive import Hive
+    from runner.hive.model import NodeConfig
+    from runner.nix import NixFlags
+
+    def user(i: int) -> str:
+        return 'throw "no user"' if i in (2, 13) else f'"u{i}"'
+
+    nodes = "\n".join(f"  n{i} = {{ deployment.targetUser = {user(i)}; }};" for i in range(16))
+    write_hive(tmp_path, "{\n  meta.nixpkgs = import @NIXPKGS@ { };\n" + nodes + "\n}\n")
+    sent = _counting_evals(monkeypatch)
+    hive = Hive(locate(None, tmp_path), NixFlags())
+    names = [f"n{i}" for i in range(16)]
+    each = asyncio.run(hive.deployment_each(names))
+    broken = {n for n, c in each.items() if isinstance(c, HiveError)}
+    assert broken == {"n2", "n13"}
+    assert "node n2" in str(each["n2"]) and "no user" in str(each["n2"])
+    assert isinstance(each["n5"], NodeConfig) and each["n5"].target_user == "u5"
+    # one query, then halves down to the two broken nodes: 1 + 2 * 2 * log2(16) at most,
+    # where asking each node alone after the first failure took 1 + 16
+    assert 1 < len(sent) <= 1 + 2 * 2 * 4, len(sent)
+    asked = len(sent)
+    # Asked again (the selection, host access and buildOnTarget of one plan): no new query.
+    with pytest.raises(HiveError, match="node n2"):
+        asyncio.run(hive.deployment(names))
+    assert asyncio.run(hive.deployment(["n0", "n1"]))["n1"].target_user == "u1"
+    assert len(sent) == asked

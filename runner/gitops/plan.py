@@ -52,6 +52,7 @@ from runner.gitops.changes import (
 )
 from runner.hive.discovery import HiveKind, HiveSource, locate
 from runner.hive.hive import Hive
+from runner.hive.model import NodeConfig
 from runner.hive.selection import Selector
 from runner.nix import NixFlags
 from runner.results import NodeResult
@@ -298,17 +299,12 @@ async def _host_access(
     hive: Hive, names: Sequence[str]
 ) -> dict[str, tuple[HostAccess | None, str | None]]:
     """Each node's HostAccess, or None and the error when its deployment settings do not
-    evaluate (then each node is asked on its own, so one broken node costs only itself)."""
-    try:
-        configs = await hive.deployment(names)
-    except HiveError as e:
-        if len(names) == 1:
-            return {names[0]: (None, e.message)}
-        out: dict[str, tuple[HostAccess | None, str | None]] = {}
-        for name in names:
-            out.update(await _host_access(hive, [name]))
-        return out
-    return {n: (HostAccess.of(c), None) for n, c in configs.items()}
+    evaluate (one broken node costs only itself)."""
+    each = await hive.deployment_each(names)
+    return {
+        n: (None, c.message) if isinstance(c, HiveError) else (HostAccess.of(c), None)
+        for n, c in each.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -374,16 +370,8 @@ async def _evaluate_side(
 async def _built_on_target(hive: Hive, names: Sequence[str]) -> frozenset[str]:
     """The nodes among `names` with deployment.buildOnTarget (a node whose settings do not
     evaluate counts as not: its build then fails or succeeds on its own)."""
-    try:
-        configs = await hive.deployment(names)
-    except HiveError:
-        if len(names) <= 1:
-            return frozenset()
-        found: set[str] = set()
-        for name in names:
-            found |= await _built_on_target(hive, [name])
-        return frozenset(found)
-    return frozenset(n for n, c in configs.items() if c.build_on_target)
+    each = await hive.deployment_each(names)
+    return frozenset(n for n, c in each.items() if isinstance(c, NodeConfig) and c.build_on_target)
 
 
 # -- compute_plan -------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,11 @@ class Hive:
     locked_url: str | None = None
     nix_store_dir: str | None = None
     nix_nar_hash: str | None = None
+    # Each node's deployment settings (or why they do not evaluate), asked once per Hive:
+    # a run's selection, host access and buildOnTarget read the same answers.
+    _settings: dict[str, NodeConfig | HiveError] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def is_flake(self) -> bool:
@@ -125,27 +130,44 @@ class Hive:
         return MetaConfig.from_json(await self._eval("metaConfig", what="reading meta"))
 
     async def deployment(self, names: Sequence[str]) -> dict[str, NodeConfig]:
-        """Validated deployment settings; a failing node is named in the error."""
-        if not names:
-            return {}
+        """Validated deployment settings; the first failing node (in `names` order) is
+        named in the error."""
+        each = await self.deployment_each(names)
+        for config in each.values():
+            if isinstance(config, HiveError):
+                raise config
+        return {n: c for n, c in each.items() if isinstance(c, NodeConfig)}
+
+    async def deployment_each(self, names: Sequence[str]) -> dict[str, NodeConfig | HiveError]:
+        """Each node's validated deployment settings, or the error naming it: one evaluation
+        for all when they evaluate, a bisection down to the broken ones when not (about
+        k log n evaluations for k broken nodes of n). Answers are kept in this Hive."""
+        missing = list(dict.fromkeys(n for n in names if n not in self._settings))
+        if missing:
+            self._settings.update(await self._deployment_json(missing))
+        return {n: self._settings[n] for n in names}
+
+    async def _deployment_json(self, names: list[str]) -> dict[str, NodeConfig | HiveError]:
         try:
             data = await nix.eval_json(
-                self.expr(f"deployment {nix_json(list(names))}"),
+                self.expr(f"deployment {nix_json(names)}"),
                 self.flags,
                 flake=self.is_flake,
                 timeout=QUERY_TIMEOUT,
             )
         except NixError as e:
             if len(names) == 1:
-                raise HiveError(
-                    f"node {names[0]}: {e.summary}",
-                    detail=e.detail,
-                ) from e
+                return {names[0]: HiveError(f"node {names[0]}: {e.summary}", detail=e.detail)}
             mid = len(names) // 2
-            # Find the broken node(s): at least one half fails again.
-            first = await self.deployment(names[:mid])
-            return {**first, **await self.deployment(names[mid:])}
-        return {n: NodeConfig.from_json(n, data.value[n]) for n in names}
+            first = await self._deployment_json(names[:mid])
+            return {**first, **await self._deployment_json(names[mid:])}
+        found: dict[str, NodeConfig | HiveError] = {}
+        for n in names:
+            try:
+                found[n] = NodeConfig.from_json(n, data.value[n])
+            except HiveError as e:
+                found[n] = e
+        return found
 
     async def introspect(self, function_expr: str) -> Any:
         return await self._eval(f"introspect ({function_expr})", what="eval")
