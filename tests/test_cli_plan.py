@@ -81,7 +81,6 @@ def test_ci_posts_the_plan_as_a_sticky_comment(tmp_path, leaky):
     with builtins.getEnv and throws them gets empty strings, so they reach no comment."""
     import http.server
     import os
-    import sys
     import threading
 
     requests: list[tuple[str, str, str, bytes]] = []
@@ -163,15 +162,7 @@ def test_ci_posts_the_plan_as_a_sticky_comment(tmp_path, leaky):
                 "GITHUB_API_URL": f"http://127.0.0.1:{server.server_address[1]}",
             }
         )
-        done = subprocess.run(
-            [sys.executable, "-m", "runner", "ci", "--report-json", "plan.json"],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
+        done = _ci(tmp_path, env, "--report-json", "plan.json")
     finally:
         server.shutdown()
         server.server_close()
