@@ -147,7 +147,7 @@ async def evaluate_and_build(
 
     async def build_then(ev: NodeEval) -> NodeResult:
         eval_stage = _eval_stage(ev)
-        emit.end(ev.name, eval_stage)
+        emit.end(ev.name, eval_stage, (ev.drv_path, ev.out_path))
         if build_settings is None or ev.name in build_elsewhere or not ev.ok:
             result = NodeResult(ev.name, (eval_stage,), ev.drv_path, ev.out_path)
         elif (

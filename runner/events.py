@@ -31,6 +31,8 @@ class Event:
     result: StageResult | None = None
     node_result: NodeResult | None = None
     time: float = field(default_factory=time.time)
+    # An eval stage's end: the node's (drvPath, outPath), for a run stopped before it ends.
+    paths: tuple[str | None, str | None] | None = None
 
 
 Sink = Callable[[Event], None]
@@ -55,8 +57,14 @@ class Emitter:
     def log(self, node: str, message: str, stage: Stage | None = None) -> None:
         self.sink(Event(node, EventKind.LOG, stage, message))
 
-    def end(self, node: str, result: StageResult) -> None:
-        self.sink(Event(node, EventKind.STAGE_END, result.stage, result.message, result=result))
+    def end(
+        self, node: str, result: StageResult, paths: tuple[str | None, str | None] | None = None
+    ) -> None:
+        self.sink(
+            Event(
+                node, EventKind.STAGE_END, result.stage, result.message, result=result, paths=paths
+            )
+        )
 
     def done(self, result: NodeResult) -> None:
         self.sink(Event(result.name, EventKind.NODE_END, node_result=result))
@@ -75,6 +83,7 @@ class Recorder:
     _ended: dict[str, list[StageResult]] = field(default_factory=dict)
     _running: dict[str, tuple[Stage, float]] = field(default_factory=dict)
     _done: dict[str, NodeResult] = field(default_factory=dict)
+    _paths: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
 
     def __call__(self, event: Event) -> None:
         if event.kind is EventKind.STAGE_START and event.stage is not None:
@@ -82,6 +91,8 @@ class Recorder:
         elif event.kind is EventKind.STAGE_END and event.result is not None:
             self._ended.setdefault(event.node, []).append(event.result)
             self._running.pop(event.node, None)
+            if event.paths is not None:
+                self._paths[event.node] = event.paths
         elif event.kind is EventKind.NODE_END and event.node_result is not None:
             self._done[event.node] = event.node_result
         self.sink(event)
@@ -106,5 +117,5 @@ class Recorder:
                 )
                 started = now
             failed = StageResult(stage, Status.FAILED, now - started, reason, started_at=started)
-            results.append(NodeResult(name, (*ended, failed)))
+            results.append(NodeResult(name, (*ended, failed), *self._paths.get(name, (None, None))))
         return results

@@ -343,6 +343,11 @@ def kill_marked(marker: str) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def new_system_of(log: Path) -> str:
+    """The system the stand-in's activation log names last."""
+    return log.read_text().splitlines()[-1].split()[1]
+
+
 def test_sigterm_during_activation_writes_reports_and_exits_143(fleet, tmp_path):
     hive_dir = tmp_path / "hive"
     hive_dir.mkdir()
@@ -405,12 +410,14 @@ def test_sigterm_during_activation_writes_reports_and_exits_143(fleet, tmp_path)
     stages = {s["stage"]: s for s in host2["stages"]}
     assert stages["activate"]["status"] == "failed"
     assert stages["activate"]["message"] == "interrupted by SIGTERM"
+    # What it was deploying is known though it never finished (it was null before).
+    assert host2["out_path"] == new_system_of(log) and host2["drv_path"], host2
     assert nodes["host1"]["status"] == "ok", nodes["host1"]
     assert (tmp_path / "junit.xml").exists()
     assert list(temp.glob("waggle-ssh-*")) == []  # temp ssh config files removed
     shutil.rmtree(temp)
     # The detached activation on host2 was left alone: it finishes by itself.
-    new_system = log.read_text().splitlines()[-1].split()[1]
+    new_system = new_system_of(log)
     wait_for(
         lambda: (
             fleet["host2"].path("/run/current-system").is_symlink()
