@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -457,7 +458,7 @@ def _counting_evals(monkeypatch) -> list[str]:
     real = nix.eval_json
 
     async def counting(expr, *args, **kwargs):
-        if "deployment (builtins.fromJSON" in expr:
+        if re.search(r"deployment(Each)? \(builtins.fromJSON", expr):
             sent.append(expr)
         return await real(expr, *args, **kwargs)
 
@@ -489,12 +490,33 @@ def test_deployment_settings_are_asked_once_and_broken_nodes_cost_a_bisection(
     assert broken == {"n2", "n13"}
     assert "node n2" in str(each["n2"]) and "no user" in str(each["n2"])
     assert isinstance(each["n5"], NodeConfig) and each["n5"].target_user == "u5"
-    # one query, then halves down to the two broken nodes: 1 + 2 * 2 * log2(16) at most,
-    # where asking each node alone after the first failure took 1 + 16
-    assert 1 < len(sent) <= 1 + 2 * 2 * 4, len(sent)
+    # one query, then each broken node alone for its message (asking each node alone after
+    # the first failure took 1 + 16)
+    assert len(sent) == 1 + 2, sent
     asked = len(sent)
     # Asked again (the selection, host access and buildOnTarget of one plan): no new query.
     with pytest.raises(HiveError, match="node n2"):
         asyncio.run(hive.deployment(names))
     assert asyncio.run(hive.deployment(["n0", "n1"]))["n1"].target_user == "u1"
     assert len(sent) == asked
+
+
+def test_settings_with_an_error_no_tryeval_catches_are_found_by_halving(tmp_path, monkeypatch):
+    import asyncio
+
+    from runner.errors import HiveError
+    from runner.hive.discovery import locate
+    from runner.hive.hive import Hive
+    from runner.nix import NixFlags
+
+    def user(i: int) -> str:  # a missing attribute ends the whole Nix process
+        return "{ }.missing" if i == 5 else f'"u{i}"'
+
+    nodes = "\n".join(f"  n{i} = {{ deployment.targetUser = {user(i)}; }};" for i in range(8))
+    write_hive(tmp_path, "{\n  meta.nixpkgs = import @NIXPKGS@ { };\n" + nodes + "\n}\n")
+    sent = _counting_evals(monkeypatch)
+    hive = Hive(locate(None, tmp_path), NixFlags())
+    each = asyncio.run(hive.deployment_each([f"n{i}" for i in range(8)]))
+    assert {n for n, c in each.items() if isinstance(c, HiveError)} == {"n5"}
+    assert "missing" in str(each["n5"]) and "node n5" in str(each["n5"])
+    assert len(sent) <= 1 + 2 * 3, sent  # halves: 8 -> 4 -> 2 -> 1, both halves each time

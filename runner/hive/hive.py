@@ -148,13 +148,11 @@ class Hive:
         return {n: self._settings[n] for n in names}
 
     async def _deployment_json(self, names: list[str]) -> dict[str, NodeConfig | HiveError]:
+        """One query for all (`deploymentEach`: a node whose settings throw is marked), then
+        each marked node alone for its message; when an error tryEval cannot catch ends the
+        query, halves until the broken nodes are alone."""
         try:
-            data = await nix.eval_json(
-                self.expr(f"deployment {nix_json(names)}"),
-                self.flags,
-                flake=self.is_flake,
-                timeout=QUERY_TIMEOUT,
-            )
+            data = await self._settings_query("deploymentEach", names)
         except NixError as e:
             if len(names) == 1:
                 return {names[0]: HiveError(f"node {names[0]}: {e.summary}", detail=e.detail)}
@@ -163,11 +161,31 @@ class Hive:
             return {**first, **await self._deployment_json(names[mid:])}
         found: dict[str, NodeConfig | HiveError] = {}
         for n in names:
+            if "ok" not in data[n]:
+                found[n] = await self._one_broken(n)
+                continue
             try:
-                found[n] = NodeConfig.from_json(n, data.value[n])
+                found[n] = NodeConfig.from_json(n, data[n]["ok"])
             except HiveError as e:
                 found[n] = e
         return found
+
+    async def _one_broken(self, name: str) -> HiveError:
+        """The error of a node whose settings threw, from asking it alone without tryEval."""
+        try:
+            await self._settings_query("deployment", [name])
+        except NixError as e:
+            return HiveError(f"node {name}: {e.summary}", detail=e.detail)
+        return HiveError(f"node {name}: its deployment settings do not evaluate")
+
+    async def _settings_query(self, query: str, names: list[str]) -> Any:
+        done = await nix.eval_json(
+            self.expr(f"{query} {nix_json(names)}"),
+            self.flags,
+            flake=self.is_flake,
+            timeout=QUERY_TIMEOUT,
+        )
+        return done.value
 
     async def introspect(self, function_expr: str) -> Any:
         return await self._eval(f"introspect ({function_expr})", what="eval")

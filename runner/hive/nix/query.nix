@@ -3,7 +3,7 @@
 # evaluator, a flake's `colmenaHive` and the nixosConfigurations adapter.
 hive:
 let
-  inherit (builtins) attrNames map seq trace tryEval;
+  inherit (builtins) attrNames deepSeq map mapAttrs seq trace tryEval;
   defaultMeta = { name = "hive"; description = "A Colmena Hive"; machinesFile = null; allowApplyAll = true; };
 in
 assert hive.__schema or null == "v0.5"
@@ -15,6 +15,13 @@ assert hive.__schema or null == "v0.5"
   metaConfig = defaultMeta // (hive.metaConfig or (builtins.intersectAttrs defaultMeta (hive.meta or { })));
 
   deployment = names: hive.deploymentConfigSelected names;
+
+  # The same, each node's settings forced on their own: { ok = settings; } or, when
+  # tryEval caught a throw or an assertion, { error = true; } (Waggle then asks that node
+  # alone for its message). Errors tryEval cannot catch end the process.
+  deploymentEach = names:
+    mapAttrs (_: d: let r = tryEval (deepSeq d d); in if r.success then { ok = r.value; } else { error = true; })
+      (hive.deploymentConfigSelected names);
 
   # Evaluates the named nodes one after another, in the list's order (a list
   # is forced element by element; an attribute set would go by name). After
