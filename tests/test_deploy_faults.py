@@ -343,6 +343,31 @@ def kill_marked(marker: str) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def sigterm(proc: subprocess.Popen[str]) -> tuple[str, float]:
+    """Send SIGTERM to a run and wait for it to exit (at most 20 s): its stderr, and how many
+    seconds it took."""
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=20)
+    return err, time.monotonic() - sent
+
+
+@contextlib.contextmanager
+def cleaned_up(proc: subprocess.Popen[str], marker: str | None = None) -> Iterator[list[int]]:
+    """At the end, whatever happened: `proc` killed if it still runs, and the processes
+    with `marker` it left behind listed (in the list yielded) and killed."""
+    left: list[int] = []
+    try:
+        yield left
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if marker is not None:
+            left += with_marker(marker)
+            kill_marked(marker)
+
+
 def new_system_of(log: Path) -> str:
     """The system the stand-in's activation log names last."""
     return log.read_text().splitlines()[-1].split()[1]
@@ -377,7 +402,7 @@ def test_sigterm_during_activation_writes_reports_and_exits_143(fleet, tmp_path)
         str(tmp_path / "junit.xml"),
         env={"TMPDIR": str(temp)},
     )
-    try:
+    with cleaned_up(proc):
         wait_for(
             lambda: log.exists() and log.read_text().count("\n") > before,
             120,
@@ -391,14 +416,7 @@ def test_sigterm_during_activation_writes_reports_and_exits_143(fleet, tmp_path)
             proc,
         )
         time.sleep(1)  # host1's activation is quick: it is done by now
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        _out, err = proc.communicate(timeout=20)
-        took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        err, took = sigterm(proc)
     assert proc.returncode == 143, err
     assert took < 15, took
     assert "Traceback" not in err
@@ -451,14 +469,9 @@ def test_sigterm_during_a_build_kills_the_builder(fleet, tmp_path):
         str(report),
         env={},
     )
-    try:
+    with cleaned_up(proc):
         wait_for(lambda: with_marker(marker), 120, "the slow builder to start", proc)
-        proc.send_signal(signal.SIGTERM)
-        _out, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        err, _took = sigterm(proc)
     assert proc.returncode == 143, err
     wait_for(lambda: not with_marker(marker), 5, "the builder to be gone")
     data = json.loads(report.read_text())
@@ -526,7 +539,7 @@ def test_sigterm_during_evaluation_kills_the_evaluators_and_writes_reports(fleet
         *("--report-json", str(report), "--junit", str(junit)),
         env={"TMPDIR": str(temp), "WAGGLE_TEST_MARKER": marker},
     )
-    try:
+    with cleaned_up(proc, marker) as left:
         wait_for(
             lambda: log.exists() and log.read_text().count("\n") > before,
             60,
@@ -536,16 +549,7 @@ def test_sigterm_during_evaluation_kills_the_evaluators_and_writes_reports(fleet
         evaluating = with_marker(marker, "nix-instantiate", "evalQueue", "host3")
         assert evaluating, "host3's evaluator is not running"
         assert list(temp.glob("waggle-ssh-*")), "host1's connection has no temp ssh config"
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        _out, err = proc.communicate(timeout=20)
-        took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        left = with_marker(marker)
-        kill_marked(marker)
+        err, took = sigterm(proc)
     assert proc.returncode == 143, err
     assert took < 10, took
     assert "Traceback" not in err
@@ -559,7 +563,7 @@ def test_sigterm_during_evaluation_kills_the_evaluators_and_writes_reports(fleet
     assert junit_failure(junit, "host3", "eval") == "interrupted by SIGTERM"
     assert report_stage(report, "host1", "activate")["message"] == "interrupted by SIGTERM"
     # host1's detached activation finishes by itself (and gives the host's lock back).
-    new_system = log.read_text().splitlines()[-1].split()[1]
+    new_system = new_system_of(log)
     wait_for(
         lambda: (
             fleet["host1"].path("/run/current-system").is_symlink()
@@ -621,7 +625,7 @@ def test_sigterm_during_a_stalled_push_kills_the_exporter(fleet, tmp_path):
             env={"WAGGLE_TEST_MARKER": marker},
         )
         exporting: list[int] = []
-        try:
+        with cleaned_up(proc, marker) as left:
 
             def exporter_blocked() -> bool:
                 exporting[:] = with_marker(marker, "nix-store", "--export")
@@ -631,16 +635,7 @@ def test_sigterm_during_a_stalled_push_kills_the_exporter(fleet, tmp_path):
             sent_paths = psutil.Process(exporting[0]).cmdline()[2:]
             time.sleep(0.5)  # the exporter fills the pipes and the SSH window, then waits
             with running_when_written(exporting[0], report) as exporter_running:
-                sent = time.monotonic()
-                proc.send_signal(signal.SIGTERM)
-                _out, err = proc.communicate(timeout=20)
-                took = time.monotonic() - sent
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            left = with_marker(marker)
-            kill_marked(marker)
+                err, took = sigterm(proc)
         # The host's import goes on now: it reads what was buffered, then the end of the
         # stream the run cut (its connection is gone).
         for pid in stopped:
