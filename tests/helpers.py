@@ -14,13 +14,25 @@ from pathlib import Path
 
 from tests.fleet import TestHost
 
+CI_VARIABLES = ("GITHUB_", "GITLAB", "CI_", "DRONE")  # the prefixes of CI services' variables
+
+
+def outside_ci(**extra: str) -> dict[str, str]:
+    """This process's environment without CI and any CI service's variables, plus `extra`
+    (so `waggle ci` sees only the service a test sets up)."""
+    env = {k: v for k, v in os.environ.items() if k != "CI" and not k.startswith(CI_VARIABLES)}
+    env.update(extra)
+    return env
+
 
 def waggle(
-    *args: str, cwd: Path | None = None, timeout: float = 300
+    *args: str, cwd: Path | None = None, timeout: float = 300, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """`waggle ARGS` in `cwd` (with `env` instead of this process's environment)."""
     return subprocess.run(
         [sys.executable, "-m", "runner", *args],
         cwd=cwd,
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,

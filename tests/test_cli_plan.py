@@ -9,7 +9,7 @@ import pytest
 from typing_extensions import override
 
 from tests.conftest import write_hive
-from tests.helpers import assert_clean_error, waggle
+from tests.helpers import assert_clean_error, outside_ci, waggle
 
 HIVE = """
 {
@@ -80,7 +80,6 @@ def test_ci_posts_the_plan_as_a_sticky_comment(tmp_path, leaky):
     The PR's hive is evaluated without the tokens in its environment: one that reads them
     with builtins.getEnv and throws them gets empty strings, so they reach no comment."""
     import http.server
-    import os
     import threading
 
     requests: list[tuple[str, str, str, bytes]] = []
@@ -142,27 +141,20 @@ def test_ci_posts_the_plan_as_a_sticky_comment(tmp_path, leaky):
                 }
             )
         )
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("GITHUB_", "GITLAB", "CI_", "DRONE"))
-        }
-        env.update(
-            {
-                "CI": "true",
-                "GITHUB_ACTIONS": "true",
-                "GITHUB_EVENT_NAME": "pull_request",
-                "GITHUB_EVENT_PATH": str(event),
-                "GITHUB_SHA": head,
-                "GITHUB_REF_NAME": "5/merge",
-                "GITHUB_REPOSITORY": "acme/fleet",
-                "GITHUB_TOKEN": "secret-token-123",
-                "WAGGLE_GIT_TOKEN": "secret-git-456",
-                "FORGE_TOKEN": "secret-forge-789",
-                "GITHUB_API_URL": f"http://127.0.0.1:{server.server_address[1]}",
-            }
+        env = outside_ci(
+            CI="true",
+            GITHUB_ACTIONS="true",
+            GITHUB_EVENT_NAME="pull_request",
+            GITHUB_EVENT_PATH=str(event),
+            GITHUB_SHA=head,
+            GITHUB_REF_NAME="5/merge",
+            GITHUB_REPOSITORY="acme/fleet",
+            GITHUB_TOKEN="secret-token-123",
+            WAGGLE_GIT_TOKEN="secret-git-456",
+            FORGE_TOKEN="secret-forge-789",
+            GITHUB_API_URL=f"http://127.0.0.1:{server.server_address[1]}",
         )
-        done = _ci(tmp_path, env, "--report-json", "plan.json")
+        done = waggle("ci", "--report-json", "plan.json", cwd=tmp_path, env=env)
     finally:
         server.shutdown()
         server.server_close()
@@ -226,18 +218,6 @@ def test_plan_with_a_hive_outside_the_repo_is_one_line(tmp_path):
 # -- waggle ci: a report on stdout ('-') replaces the usual output --------------------------
 
 
-def _ci_env(**extra: str) -> dict[str, str]:
-    import os
-
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k != "CI" and not k.startswith(("GITHUB_", "GITLAB", "CI_", "DRONE"))
-    }
-    env.update(extra)
-    return env
-
-
 def _two_commits(tmp_path) -> tuple[str, str]:
     write_hive(tmp_path, HIVE)
     (tmp_path / "alpha.nix").write_text("{ }\n")
@@ -252,25 +232,11 @@ def _two_commits(tmp_path) -> tuple[str, str]:
     return revs[1], revs[0]
 
 
-def _ci(tmp_path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    import sys
-
-    return subprocess.run(
-        [sys.executable, "-m", "runner", "ci", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
 @pytest.mark.parametrize("flag", ["--report-json", "--junit", "--report-md"])
 def test_ci_sends_the_report_asked_for_with_a_dash_to_stdout(tmp_path, flag):
     """Outside a CI service `waggle ci` builds; `-` put nothing on stdout before."""
     _two_commits(tmp_path)
-    done = _ci(tmp_path, _ci_env(), "--on", "alpha", flag, "-")
+    done = waggle("ci", "--on", "alpha", flag, "-", cwd=tmp_path, env=outside_ci())
     assert done.returncode == 0, done.stdout + done.stderr
     if flag == "--report-json":
         report = json.loads(done.stdout)
@@ -289,10 +255,10 @@ def test_ci_sends_the_plan_asked_for_with_a_dash_to_stdout(tmp_path):
     pr = {"number": 5, "base": {"sha": base, "repo": {"full_name": "acme/fleet"}},
           "head": {"sha": head, "repo": {"full_name": "acme/fleet"}}}  # fmt: skip
     event.write_text(json.dumps({"pull_request": pr, "repository": {"full_name": "acme/fleet"}}))
-    env = _ci_env(CI="true", GITHUB_ACTIONS="true", GITHUB_EVENT_NAME="pull_request",
+    env = outside_ci(CI="true", GITHUB_ACTIONS="true", GITHUB_EVENT_NAME="pull_request",
                   GITHUB_EVENT_PATH=str(event), GITHUB_SHA=head, GITHUB_REF_NAME="5/merge",
                   GITHUB_REPOSITORY="acme/fleet")  # fmt: skip
-    done = _ci(tmp_path, env, "--report-json", "-")
+    done = waggle("ci", "--report-json", "-", cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     plan = json.loads(done.stdout)
     assert {n["name"]: n["kind"] for n in plan["nodes"]} == {

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import needs_fleet, write_hive
 from tests.fleet import Fleet, free_first_octet
-from tests.helpers import waggle
+from tests.helpers import outside_ci, waggle
 
 pytestmark = needs_fleet()
 
@@ -95,15 +95,10 @@ def github_env(
     tmp_path, event_name: str, event: Mapping[str, object], sha: str, ref_name: str
 ) -> dict[str, str]:
     import json
-    import os
 
     event_path = tmp_path / "event.json"
     event_path.write_text(json.dumps(event))
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("GITHUB_", "GITLAB", "CI_", "DRONE"))
-    }
+    env = outside_ci()
     env.update(
         {
             "CI": "true",
@@ -121,17 +116,7 @@ def github_env(
 
 
 def run_ci(cwd, env, *args):
-    import sys
-
-    return subprocess.run(
-        [sys.executable, "-m", "runner", "ci", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    return waggle("ci", *args, cwd=cwd, env=env, timeout=600)
 
 
 def test_ci_push_deploys_only_affected_and_pr_only_plans(fleet, tmp_path):
@@ -267,13 +252,8 @@ def template_ci_args(path: str) -> list[str]:
 
 
 def provider_env(provider: str, before: str, after: str) -> dict[str, str]:
-    import os
 
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("GITHUB_", "GITLAB", "CI_", "DRONE"))
-    }
+    env = outside_ci()
     env["CI"] = "true"
     if provider == "gitlab":
         env.update(

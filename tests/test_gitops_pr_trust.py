@@ -20,6 +20,7 @@ import pytest
 from tests.binary_cache import BinaryCache
 from tests.conftest import needs_fleet, write_hive
 from tests.fleet import Fleet, TestHost, free_first_octet
+from tests.helpers import outside_ci
 
 pytestmark = needs_fleet()
 
@@ -99,11 +100,7 @@ def pull_request(
     }
     path = tmp_path / "event.json"
     path.write_text(json.dumps(event))
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("GITHUB_", "GITLAB", "CI_", "DRONE"))
-    }
+    env = outside_ci()
     env.update(
         {
             "CI": "true",
