@@ -41,6 +41,13 @@ def nix_json(value: Any) -> str:
     return f"(builtins.fromJSON {nix_string(json.dumps(value))})"
 
 
+def _validated(name: str, data: Any) -> NodeConfig | HiveError:
+    try:
+        return NodeConfig.from_json(name, data)
+    except HiveError as e:
+        return e
+
+
 @dataclass(frozen=True)
 class Hive:
     source: HiveSource
@@ -139,9 +146,8 @@ class Hive:
         return {n: c for n, c in each.items() if isinstance(c, NodeConfig)}
 
     async def deployment_each(self, names: Sequence[str]) -> dict[str, NodeConfig | HiveError]:
-        """Each node's validated deployment settings, or the error naming it: one evaluation
-        for all when they evaluate, a bisection down to the broken ones when not (about
-        k log n evaluations for k broken nodes of n). Answers are kept in this Hive."""
+        """Each node's validated deployment settings, or the error naming it. Answers are
+        kept in this Hive; see `_deployment_json` for what asking costs."""
         missing = list(dict.fromkeys(n for n in names if n not in self._settings))
         if missing:
             self._settings.update(await self._deployment_json(missing))
@@ -149,8 +155,9 @@ class Hive:
 
     async def _deployment_json(self, names: list[str]) -> dict[str, NodeConfig | HiveError]:
         """One query for all (`deploymentEach`: a node whose settings throw is marked), then
-        each marked node alone for its message; when an error tryEval cannot catch ends the
-        query, halves until the broken nodes are alone."""
+        each marked node alone for its message (1 + k queries for k broken nodes); when an
+        error tryEval cannot catch ends the query, halves until the broken nodes are alone
+        (about 2 log2 n queries for each)."""
         try:
             data = await self._settings_query("deploymentEach", names)
         except NixError as e:
@@ -161,22 +168,16 @@ class Hive:
             return {**first, **await self._deployment_json(names[mid:])}
         found: dict[str, NodeConfig | HiveError] = {}
         for n in names:
-            if "ok" not in data[n]:
-                found[n] = await self._one_broken(n)
+            if "ok" in data[n]:
+                found[n] = _validated(n, data[n]["ok"])
                 continue
-            try:
-                found[n] = NodeConfig.from_json(n, data[n]["ok"])
-            except HiveError as e:
-                found[n] = e
+            try:  # alone and without tryEval, for Nix's own message
+                alone = await self._settings_query("deployment", [n])
+            except NixError as e:
+                found[n] = HiveError(f"node {n}: {e.summary}", detail=e.detail)
+            else:
+                found[n] = _validated(n, alone[n])
         return found
-
-    async def _one_broken(self, name: str) -> HiveError:
-        """The error of a node whose settings threw, from asking it alone without tryEval."""
-        try:
-            await self._settings_query("deployment", [name])
-        except NixError as e:
-            return HiveError(f"node {name}: {e.summary}", detail=e.detail)
-        return HiveError(f"node {name}: its deployment settings do not evaluate")
 
     async def _settings_query(self, query: str, names: list[str]) -> Any:
         done = await nix.eval_json(
