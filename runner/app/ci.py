@@ -30,7 +30,7 @@ from runner.deploy.pipeline import DeploySettings, deploy, goal_stages
 from runner.errors import WaggleError
 from runner.gitinfo import head_commit
 from runner.gitops import ci, comments, trust
-from runner.gitops.config import CiConfig, RolloutConfig, load_config, merge
+from runner.gitops.config import CiConfig, load_config, merge
 from runner.gitops.plan import DEFAULT_IGNORE, NodeChange, Plan
 from runner.goals import Goal
 from runner.results import NodeResult, RunSummary, Status
@@ -121,9 +121,8 @@ def shard_for(request: CiRequest, env: Mapping[str, str]) -> tuple[ShardSpec | N
 def _rollout(request: CiRequest, config: CiConfig) -> DeploySettings:
     """The flags' deploy settings with waggle.yaml's `rollout:` and `cache:` where no flag
     was given."""
-    deploy = with_rollout(
+    deploy = config.rollout.over(
         request.apply.deploy,
-        config.rollout,
         max_failures_given=request.max_failures_given,
         confirm_timeout_given=request.confirm_timeout_given,
     )
@@ -132,27 +131,6 @@ def _rollout(request: CiRequest, config: CiConfig) -> DeploySettings:
         key = str(cache.key) if cache.key is not None else None
         settings = cache_settings(cache.url, cache.substituter, key, cache.public_key, CONFIG_KEYS)
         deploy = replace(deploy, cache=settings)
-    return deploy
-
-
-def with_rollout(
-    deploy: DeploySettings,
-    rollout: RolloutConfig,
-    *,
-    max_failures_given: bool,
-    confirm_timeout_given: bool,
-) -> DeploySettings:
-    """The flags' deploy settings with waggle.yaml's `rollout:` where no flag was given
-    (no --waves: `waves` is empty; --no-health-checks can only turn checks off); `waggle
-    ci` and `waggle watch` both merge with this."""
-    if rollout.waves is not None and not deploy.waves:
-        deploy = replace(deploy, waves=rollout.waves)
-    if rollout.max_failures is not None and not max_failures_given:
-        deploy = replace(deploy, max_failures=rollout.max_failures)
-    if rollout.confirm_timeout is not None and not confirm_timeout_given:
-        deploy = replace(deploy, confirm_timeout=rollout.confirm_timeout)
-    if rollout.health_checks is not None and deploy.health_checks:
-        deploy = replace(deploy, health_checks=rollout.health_checks)
     return deploy
 
 

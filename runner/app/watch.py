@@ -8,7 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from runner.app.ci import with_rollout
 from runner.app.requests import HiveRef, Reports, WatchRequest
 from runner.app.run import apply
 from runner.errors import UsageError
@@ -78,9 +77,8 @@ async def run_watch(
         # A commit merged on the watched ref is trusted, as in ci's push mode: its
         # waggle.yaml (searched as ci does, never outside the tree) sets the rollout.
         settings = load_config(None, search_from=tree, tree=tree, at=f"in commit {sha[:12]}")
-        deploy = with_rollout(
+        deploy = settings.rollout.over(
             template.deploy,
-            settings.rollout,
             max_failures_given=request.max_failures_given,
             confirm_timeout_given=request.confirm_timeout_given,
         )

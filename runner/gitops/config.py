@@ -43,12 +43,15 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from runner.deploy import waves as rollout_waves
 from runner.errors import UsageError
+
+if TYPE_CHECKING:
+    from runner.deploy.pipeline import DeploySettings
 
 CONFIG_NAME = "waggle.yaml"
 
@@ -66,6 +69,22 @@ class RolloutConfig:
     max_failures: str | None = None  # as --max-failures: "N" or "P%"
     confirm_timeout: float | None = None  # as --confirm-timeout, seconds
     health_checks: bool | None = None  # false: as --no-health-checks
+
+    def over(
+        self, deploy: DeploySettings, *, max_failures_given: bool, confirm_timeout_given: bool
+    ) -> DeploySettings:
+        """`deploy` (the flags' settings) with these where no flag was given (no --waves:
+        `waves` is empty; --no-health-checks can only turn checks off)."""
+        changes: dict[str, Any] = {}
+        if self.waves is not None and not deploy.waves:
+            changes["waves"] = self.waves
+        if self.max_failures is not None and not max_failures_given:
+            changes["max_failures"] = self.max_failures
+        if self.confirm_timeout is not None and not confirm_timeout_given:
+            changes["confirm_timeout"] = self.confirm_timeout
+        if self.health_checks is not None and deploy.health_checks:
+            changes["health_checks"] = self.health_checks
+        return dataclasses.replace(deploy, **changes)
 
 
 @dataclass(frozen=True)
