@@ -314,5 +314,6 @@ def summary_from_json(data: object) -> RunSummary:
         sharded_from=tuple(str(n) for n in _field(shard, "selected", list, "run.shard."))
         if shard is not None
         else (),
-        run_id=str(_field(run, "id", (str, type(None)), "run.") or "") if "id" in run else "",
+        # reports from before run.id have none
+        run_id=(_field(run, "id", (str, type(None)), "run.") if "id" in run else None) or "",
     )
