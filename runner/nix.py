@@ -234,9 +234,11 @@ async def info() -> NixInfo:
 
 
 async def valid(paths: Sequence[str], *, timeout: float = 60) -> bool:
-    """Whether every one of `paths` is valid in the local store (`nix-store --check-validity`)."""
-    done = await process.run(["nix-store", "--check-validity", *paths], timeout=timeout)
-    return done.ok
+    """Whether every one of `paths` is valid in the local store (False when Nix cannot say)."""
+    try:
+        return not await invalid(paths, timeout=timeout)
+    except NixError:
+        return False
 
 
 async def invalid(paths: Sequence[str], *, timeout: float = 120) -> frozenset[str]:
